@@ -1,0 +1,1 @@
+"""Reproducible jaxkd experiments, each runnable as ``python -m experiments.NAME --workdir DIR``."""
