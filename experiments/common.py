@@ -21,6 +21,10 @@ import jax
 import ml_collections
 import numpy as np
 
+from jaxkd.trainer import MetricsLogger, _to_python
+
+__all__ = ["MetricsLogger", "main", "resolve_quick", "write_json", "read_json", "mean_std", "markdown_table"]
+
 # ---------------------------------------------------------------- command line
 
 
@@ -65,30 +69,6 @@ def resolve_quick(config: ml_collections.ConfigDict, argv: Sequence[str]) -> ml_
 
 
 # ---------------------------------------------------------------- logging and results
-
-
-class MetricsLogger:
-  """Appends one JSON object per logged step to ``metrics.jsonl`` (line-buffered, survives a kill)."""
-
-  def __init__(self, path: os.PathLike | str):
-    self.path = pathlib.Path(path)
-    self.path.parent.mkdir(parents=True, exist_ok=True)
-    self._file = self.path.open("a", buffering=1)
-
-  def log(self, step: int, **metrics: Any) -> None:
-    record = {"step": int(step), "time": time.time()}
-    record.update({k: _to_python(v) for k, v in metrics.items()})
-    self._file.write(json.dumps(record) + "\n")
-
-  def close(self) -> None:
-    self._file.close()
-
-
-def _to_python(value: Any) -> Any:
-  if isinstance(value, (np.ndarray, np.generic, jax.Array)):
-    value = np.asarray(value)
-    return value.item() if value.ndim == 0 else value.tolist()
-  return value
 
 
 def write_json(path: os.PathLike | str, data: Any) -> None:
@@ -226,3 +206,162 @@ def inference_latency(
     jax.block_until_ready(forward(variables, inputs))
     times.append(time.perf_counter() - start)
   return float(np.median(times))
+
+
+# ---------------------------------------------------------------- sub-runs
+
+
+def data_layout(parallel: str) -> str:
+  return "pmap" if parallel == "pmap" else "flat"
+
+
+def evaluate(
+  eval_step: Callable,
+  state: Any,
+  teacher_variables: Any,
+  dataset: Any,
+  *,
+  batch_size: int,
+  mean: float,
+  std: float,
+  parallel: str,
+  teacher_logits: np.ndarray | None = None,
+) -> dict[str, float]:
+  """Student (and teacher) metrics over a whole split, each example counted once."""
+  from jaxkd import data as data_lib
+  from jaxkd import train as train_lib
+
+  iterator = data_lib.BatchIterator(
+    dataset,
+    batch_size=batch_size,
+    train=False,
+    mean=mean,
+    std=std,
+    teacher_logits=teacher_logits,
+    layout=data_layout(parallel),
+  )
+  placed_state = train_lib.replicate(state) if parallel == "pmap" else state
+  placed_teacher = (
+    train_lib.replicate(teacher_variables)
+    if parallel == "pmap" and teacher_variables is not None
+    else teacher_variables
+  )
+  total = None
+  for batch in iterator:
+    sums = eval_step(placed_state, placed_teacher, batch)
+    sums = jax.device_get(train_lib.unreplicate(sums) if parallel == "pmap" else sums)
+    total = sums if total is None else jax.tree.map(lambda a, b: a + b, total, sums)
+  return train_lib.summarize_eval(total)
+
+
+def train_subrun(
+  workdir: pathlib.Path,
+  name: str,
+  *,
+  model: Any,
+  train_set: Any,
+  eval_sets: Mapping[str, Any],
+  num_epochs: float,
+  batch_size: int,
+  learning_rate: float,
+  seed: int,
+  mean: float,
+  std: float,
+  parallel: str = "pmap",
+  teacher_apply_fn: Callable | None = None,
+  teacher_variables: Any = None,
+  teacher_logits: np.ndarray | None = None,
+  temperature: float = 1.0,
+  alpha: float = 0.5,
+  loss_fn: Callable | None = None,
+  max_translation: int = 0,
+  weight_decay: float = 0.0,
+  config: Any = None,
+  meta: Mapping[str, Any] | None = None,
+  checkpoint_every: int = 500,
+) -> dict[str, Any]:
+  """Trains one model (teacher, scratch student or distilled student) in ``workdir/name``; resumable.
+
+  A finished sub-run has ``workdir/name/result.json`` and is skipped when the
+  experiment is rerun; an unfinished one resumes from its last checkpoint. The
+  student learns online from ``teacher_apply_fn`` (on the same augmented batch), or
+  offline from ``teacher_logits`` (rows aligned with ``train_set``), or from labels
+  alone when neither is given.
+
+  Returns:
+    ``result.json``'s content: ``{split}_accuracy`` and ``{split}_errors`` per eval set,
+    ``num_steps``, ``train_seconds`` and ``params``.
+  """
+  import optax
+
+  from jaxkd import data as data_lib
+  from jaxkd import train as train_lib
+  from jaxkd import trainer
+
+  run_dir = workdir / name
+  result_path = run_dir / "result.json"
+  if result_path.exists():
+    return read_json(result_path)
+  run_dir.mkdir(parents=True, exist_ok=True)
+
+  def make_iterator(data_state=None):
+    iterator = data_lib.BatchIterator(
+      train_set,
+      batch_size=batch_size,
+      train=True,
+      seed=seed,
+      mean=mean,
+      std=std,
+      max_translation=max_translation,
+      teacher_logits=teacher_logits,
+      layout=data_layout(parallel),
+    )
+    if data_state:
+      iterator.set_state(data_state)
+    return iterator
+
+  steps_per_epoch = make_iterator().steps_per_epoch
+  num_steps = max(1, int(round(num_epochs * steps_per_epoch)))
+  schedule = optax.cosine_decay_schedule(learning_rate, num_steps)
+  tx = optax.adamw(schedule, weight_decay=weight_decay) if weight_decay else optax.adam(schedule)
+  example = np.zeros((1, *train_set.images.shape[1:]), np.float32)
+  state = train_lib.create_train_state(model, tx, example, rng=seed)
+  train_step = train_lib.make_train_step(
+    teacher_apply_fn=teacher_apply_fn, loss_fn=loss_fn, temperature=temperature, alpha=alpha, parallel=parallel
+  )
+  start = time.perf_counter()
+  result = trainer.fit(
+    state,
+    train_step=train_step,
+    train_data=lambda data_state: data_lib.DevicePrefetcher(make_iterator(data_state)),
+    num_steps=num_steps,
+    teacher_variables=teacher_variables if teacher_apply_fn is not None else None,
+    parallel=parallel,
+    workdir=run_dir,
+    checkpoint_every=checkpoint_every,
+    log_every=min(100, num_steps),
+    config=config,
+    meta=meta,
+    progress=name,
+  )
+  if result.preempted:
+    raise SystemExit(143)
+  train_seconds = time.perf_counter() - start
+  eval_step = train_lib.make_eval_step(parallel=parallel)
+  out: dict[str, Any] = {"num_steps": num_steps, "train_seconds": train_seconds}
+  for split, dataset in eval_sets.items():
+    metrics = evaluate(eval_step, result.state, None, dataset, batch_size=1000, mean=mean, std=std, parallel=parallel)
+    out[f"{split}_accuracy"] = metrics["accuracy"]
+    out[f"{split}_errors"] = int(round((1.0 - metrics["accuracy"]) * metrics["count"]))
+  from jaxkd.models import count_params
+
+  out["params"] = count_params(result.state.params)
+  write_json(result_path, out)
+  return out
+
+
+def load_subrun_variables(workdir: pathlib.Path, name: str) -> tuple[dict, dict]:
+  """The final ``{'params', 'batch_stats'}`` of a finished sub-run and its provenance (path, step, fingerprint)."""
+  from jaxkd import checkpoint as ckpt
+
+  return ckpt.load_variables(workdir / name / "checkpoints")

@@ -1,0 +1,474 @@
+"""Tests for jaxkd.train on 4 fake CPU devices (tests/conftest.py sets the XLA flag)."""
+
+from __future__ import annotations
+
+import functools
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jaxkd import train
+from jaxkd.models import MLP, ResNet
+
+NUM_DEVICES = 4
+NUM_CLASSES = 5
+
+pytestmark = pytest.mark.skipif(
+  jax.device_count() < NUM_DEVICES,
+  reason="needs 4 (fake CPU) devices: XLA_FLAGS=--xla_force_host_platform_device_count=4 before JAX starts",
+)
+
+
+class SyncBNNet(nn.Module):
+  """Dense-BatchNorm-Dense; BatchNorm synchronised over 'batch', so any split of the batch gives the same numbers."""
+
+  num_classes: int = NUM_CLASSES
+
+  @nn.compact
+  def __call__(self, x, *, train: bool = False):
+    x = x.reshape((x.shape[0], -1))
+    x = nn.Dense(16)(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, axis_name="batch")(x)
+    return nn.Dense(self.num_classes)(nn.relu(x))
+
+
+def _data(batch_size: int = 32, seed: int = 0, num_classes: int = NUM_CLASSES) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  return {
+    "image": rng.normal(size=(batch_size, 4, 4, 1)).astype(np.float32),
+    "label": rng.integers(0, num_classes, size=(batch_size,)).astype(np.int32),
+  }
+
+
+@functools.cache
+def _teacher(num_classes: int = NUM_CLASSES):
+  """A fixed teacher, shared by the tests (steps never donate or change teacher variables)."""
+  teacher = MLP(hidden_sizes=(32,), num_classes=num_classes)
+  return teacher, jax.jit(teacher.init)(jax.random.key(1), np.zeros((1, 4, 4, 1), np.float32))
+
+
+def _state(model: nn.Module | None = None, tx=None) -> train.TrainState:
+  model = model or SyncBNNet()
+  tx = tx or optax.sgd(0.1, momentum=0.9)
+  return train.create_train_state(model, tx, np.zeros((1, 4, 4, 1), np.float32), rng=jax.random.key(0))
+
+
+def _place(parallel: str, state, teacher_variables, batch):
+  """Puts state, teacher and batch in the layout each mode expects."""
+  if parallel == "pmap":
+    return train.replicate(state), train.replicate(teacher_variables), train.split_for_pmap(batch)
+  if parallel == "shard_map":
+    mesh = train.make_mesh()
+    return (
+      train.put_replicated(state, mesh),
+      train.put_replicated(teacher_variables, mesh),
+      train.shard_batch(batch, mesh),
+    )
+  return state, teacher_variables, batch
+
+
+def _host(parallel: str, tree):
+  return jax.device_get(train.unreplicate(tree) if parallel == "pmap" else tree)
+
+
+def _max_abs_diff(a, b) -> float:
+  """Largest elementwise difference between two pytrees of the same structure."""
+  diffs = jax.tree.map(lambda x, y: float(np.max(np.abs(np.asarray(x) - np.asarray(y)))), a, b)
+  return max(jax.tree.leaves(diffs))
+
+
+def _run(parallel: str, batches, *, model=None, **step_kwargs):
+  teacher, teacher_variables = _teacher()
+  step = train.make_train_step(teacher_apply_fn=teacher.apply, parallel=parallel, **step_kwargs)
+  state, placed_teacher, _ = _place(parallel, _state(model), teacher_variables, batches[0])
+  for batch in batches:
+    state, metrics = step(state, placed_teacher, _place(parallel, None, None, batch)[2])
+  return _host(parallel, state), _host(parallel, metrics)
+
+
+def test_pmap_shard_map_and_single_device_agree():
+  batches = [_data(seed=s) for s in range(3)]
+  kwargs = dict(temperature=2.0, alpha=0.7)
+  results = {mode: _run(mode, batches, **kwargs) for mode in ("single", "pmap", "shard_map")}
+  single_state, single_metrics = results["single"]
+  assert int(single_state.step) == 3
+  for mode in ("pmap", "shard_map"):
+    state, metrics = results[mode]
+    assert int(state.step) == 3
+    # BatchNorm statistics included: they are part of what must agree.
+    assert _max_abs_diff(state.params, single_state.params) < 1e-5, mode
+    assert _max_abs_diff(state.batch_stats, single_state.batch_stats) < 1e-5, mode
+    for name in single_metrics:
+      np.testing.assert_allclose(metrics[name], single_metrics[name], atol=1e-5, err_msg=f"{mode}: {name}")
+  # The state did move, so agreement is not trivially about an unchanged state.
+  assert _max_abs_diff(single_state.params, _state().params) > 1e-3
+
+
+def test_resnet_with_per_device_batchnorm_pmap_matches_shard_map():
+  """jaxkd.models.ResNet keeps per-device BatchNorm statistics: pmap and shard_map still agree."""
+  model = ResNet(stage_sizes=(1,), widths=(4,), stem_width=4, num_classes=NUM_CLASSES)
+  rng = np.random.default_rng(0)
+  batches = [
+    {"image": rng.normal(size=(8, 8, 8, 3)).astype(np.float32), "label": np.arange(8, dtype=np.int32) % NUM_CLASSES}
+    for _ in range(2)
+  ]
+  teacher_variables = {"w": np.asarray(rng.normal(size=(8 * 8 * 3, NUM_CLASSES)), np.float32)}
+
+  def teacher_apply(variables, images, *, train=False):
+    return images.reshape(images.shape[0], -1) @ variables["w"]
+
+  results = {}
+  for parallel in ("pmap", "shard_map"):
+    state = train.create_train_state(model, optax.sgd(0.1), batches[0]["image"][:1], rng=jax.random.key(0))
+    step = train.make_train_step(teacher_apply_fn=teacher_apply, parallel=parallel)
+    state, placed_teacher, _ = _place(parallel, state, teacher_variables, batches[0])
+    for batch in batches:
+      state, _ = step(state, placed_teacher, _place(parallel, None, None, batch)[2])
+    results[parallel] = _host(parallel, state)
+  assert jax.tree.leaves(results["pmap"].batch_stats)
+  assert _max_abs_diff(results["pmap"].params, results["shard_map"].params) < 1e-5
+  assert _max_abs_diff(results["pmap"].batch_stats, results["shard_map"].batch_stats) < 1e-5
+
+
+def test_dropout_is_reproducible_and_differs_across_devices():
+  model = MLP(hidden_sizes=(32,), num_classes=NUM_CLASSES, dropout_rate=0.5)
+  one_shard = _data(8)
+  same_on_every_device = jax.tree.map(lambda x: np.concatenate([x] * NUM_DEVICES), one_shard)
+
+  def run(parallel, batch):
+    teacher, teacher_variables = _teacher()
+    step = train.make_train_step(teacher_apply_fn=teacher.apply, parallel=parallel)
+    state, teacher_variables, batch = _place(parallel, _state(model, optax.sgd(0.1)), teacher_variables, batch)
+    for _ in range(2):
+      state, _ = step(state, teacher_variables, batch)
+    return _host(parallel, state).params
+
+  first, again = run("pmap", same_on_every_device), run("pmap", same_on_every_device)
+  assert _max_abs_diff(first, again) == 0.0, "same seed, same data: bit-identical"
+  # With one dropout key for all devices, identical shards would give the single-device result (whose key
+  # is device 0's); different keys per device make the averaged gradient differ.
+  assert _max_abs_diff(first, run("single", one_shard)) > 1e-4
+
+
+def test_training_mask_ignores_padding():
+  model = MLP(hidden_sizes=(32,), num_classes=NUM_CLASSES)  # no BatchNorm: padding cannot leak into statistics
+  real = _data(30, seed=4)
+  padded = {
+    "image": np.concatenate([real["image"], np.full((2, 4, 4, 1), 7.0, np.float32)]),
+    "label": np.concatenate([real["label"], np.full(2, 3, np.int32)]),
+    "mask": np.arange(32) < 30,
+  }
+  results = {}
+  for parallel, batch in (("single", real), ("pmap", padded)):
+    teacher, teacher_variables = _teacher()
+    step = train.make_train_step(teacher_apply_fn=teacher.apply, parallel=parallel)
+    state, teacher_variables, batch = _place(parallel, _state(model), teacher_variables, batch)
+    for _ in range(2):
+      state, metrics = step(state, teacher_variables, batch)
+    results[parallel] = _host(parallel, (state.params, metrics))
+  assert _max_abs_diff(results["pmap"], results["single"]) < 1e-5
+
+
+def test_offline_cached_logits_match_online_teacher():
+  teacher, teacher_variables = _teacher()
+  batch = _data()
+  online = train.make_train_step(teacher_apply_fn=teacher.apply, temperature=3.0, parallel="single")
+  offline = train.make_train_step(temperature=3.0, parallel="single")
+  cached = {**batch, "teacher_logits": np.asarray(teacher.apply(teacher_variables, batch["image"]))}
+  state_online, metrics_online = online(_state(), teacher_variables, batch)
+  state_offline, metrics_offline = offline(_state(), None, cached)
+  assert _max_abs_diff(state_online.params, state_offline.params) < 1e-6
+  assert set(metrics_online) == set(metrics_offline)
+  for name in metrics_online:
+    np.testing.assert_allclose(metrics_offline[name], metrics_online[name], atol=1e-6, err_msg=name)
+
+
+def test_no_teacher_trains_with_cross_entropy():
+  step = train.make_train_step(parallel="single", alpha=0.3)
+  state, metrics = step(_state(), None, _data())
+  assert set(metrics) == {"loss", "ce", "accuracy", "grad_norm", "nonfinite"}
+  # The loss is the plain cross-entropy, whatever alpha says.
+  np.testing.assert_allclose(metrics["loss"], metrics["ce"], rtol=1e-6)
+
+
+def test_teacher_is_frozen_and_gets_no_gradient():
+  teacher, teacher_variables = _teacher()
+  before = jax.tree.map(np.array, teacher_variables)
+  step = train.make_train_step(teacher_apply_fn=teacher.apply, parallel="single")
+  state = _state()
+  for seed in range(3):
+    state, _ = step(state, teacher_variables, _data(seed=seed))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(teacher_variables), before)
+
+  no_donation = train.make_train_step(teacher_apply_fn=teacher.apply, parallel="single", donate=False)
+  state = _state()
+  grads = jax.grad(lambda variables: no_donation(state, variables, _data())[1]["loss"])(teacher_variables)
+  assert jax.tree.leaves(grads)
+  for leaf in jax.tree.leaves(grads):
+    assert not np.any(np.asarray(leaf)), "the teacher must get exactly zero gradient"
+
+
+def test_student_learns_from_soft_targets_only():
+  """alpha=1 and every label 0: only the teacher's soft targets carry information."""
+  num_classes = 4
+
+  def teacher_apply(variables, images, *, train=False):
+    del train
+    return 4.0 * images.reshape(images.shape[0], -1) @ variables["w"]  # a sharp linear teacher
+
+  teacher_variables = {"w": jax.random.normal(jax.random.key(7), (16, num_classes))}
+  rng = np.random.default_rng(3)
+  images = rng.normal(size=(256, 4, 4, 1)).astype(np.float32)
+  held_out = {"image": rng.normal(size=(256, 4, 4, 1)).astype(np.float32), "label": np.zeros(256, np.int32)}
+  student = MLP(hidden_sizes=(32,), num_classes=num_classes)
+  state = train.create_train_state(student, optax.adam(1e-2), images[:1], rng=jax.random.key(0))
+  step = train.make_train_step(teacher_apply_fn=teacher_apply, temperature=2.0, alpha=1.0, parallel="single")
+  evaluate = train.make_eval_step(teacher_apply_fn=teacher_apply, parallel="single")
+  before = train.summarize_eval(evaluate(state, teacher_variables, held_out))
+  for i in range(150):
+    rows = slice((i % 4) * 64, (i % 4 + 1) * 64)
+    state, metrics = step(state, teacher_variables, {"image": images[rows], "label": np.zeros(64, np.int32)})
+  after = train.summarize_eval(evaluate(state, teacher_variables, held_out))
+  # Threshold: 90% top-1 agreement with the teacher on held-out inputs (chance is about 25%).
+  assert after["agreement"] >= 0.9, (before, after)
+  assert after["agreement"] > before["agreement"] + 0.3
+  assert float(metrics["ce"]) > 0.0 and float(metrics["kd_loss"]) < 0.5
+
+
+def test_nnx_student_and_nnx_teacher():
+  class NNXNet(nnx.Module):
+    def __init__(self, num_classes: int, *, rngs: nnx.Rngs):
+      self.hidden = nnx.Linear(16, 32, rngs=rngs)
+      self.norm = nnx.BatchNorm(32, momentum=0.9, rngs=rngs)
+      self.dropout = nnx.Dropout(0.1, rngs=rngs)
+      self.out = nnx.Linear(32, num_classes, rngs=rngs)
+
+    def __call__(self, x):
+      x = x.reshape((x.shape[0], -1))
+      return self.out(self.dropout(nnx.relu(self.norm(self.hidden(x)))))
+
+  teacher_apply, teacher_variables = train.from_nnx(NNXNet(NUM_CLASSES, rngs=nnx.Rngs(1)))
+  teacher_before = jax.tree.map(np.array, teacher_variables)
+  state = train.create_train_state(NNXNet(NUM_CLASSES, rngs=nnx.Rngs(0)), optax.adam(1e-2), rng=jax.random.key(0))
+  stats_before = jax.tree.map(np.array, state.batch_stats)
+  assert jax.tree.leaves(stats_before), "BatchStat variables go to state.batch_stats"
+  step = train.make_train_step(teacher_apply_fn=teacher_apply, temperature=2.0, alpha=1.0, parallel="pmap")
+  state, teacher_variables = train.replicate(state), train.replicate(teacher_variables)
+  batch = _data(64)
+  losses = []
+  for _ in range(30):
+    state, metrics = step(state, teacher_variables, train.split_for_pmap(batch))
+    losses.append(float(train.unreplicate(metrics)["kd_loss"]))
+  assert losses[-1] < 0.5 * losses[0], losses
+  final = train.unreplicate(state)
+  assert _max_abs_diff(final.batch_stats, stats_before) > 1e-3, "running statistics must update"
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(train.unreplicate(teacher_variables)), teacher_before)
+
+
+@pytest.mark.parametrize("parallel", ["single", "pmap", "shard_map"])
+def test_compiles_once(parallel):
+  def loss_fn(student_logits, teacher_logits, labels):
+    return train.distillation_loss(student_logits, teacher_logits, labels, 2.0, 0.5)
+
+  chex.clear_trace_counter()  # the counter is global: start from zero in each parametrisation
+  counted = chex.assert_max_traces(loss_fn, n=1)
+  teacher, teacher_variables = _teacher()
+  step = train.make_train_step(teacher_apply_fn=teacher.apply, loss_fn=counted, parallel=parallel)
+  state, teacher_variables, _ = _place(parallel, _state(), teacher_variables, _data())
+  for seed in range(3):
+    state, _ = step(state, teacher_variables, _place(parallel, None, None, _data(seed=seed))[2])
+  assert int(np.asarray(_host(parallel, state.step))) == 3
+
+
+def test_nonfinite_loss_skips_the_update():
+  teacher, teacher_variables = _teacher()
+  step = train.make_train_step(teacher_apply_fn=teacher.apply, parallel="pmap")
+  state, teacher_variables, _ = _place("pmap", _state(), teacher_variables, _data())
+  state, _ = step(state, teacher_variables, train.split_for_pmap(_data(seed=1)))  # momentum is non-zero now
+  before = jax.device_get(train.unreplicate(state))
+  bad = _data(seed=2)
+  bad["image"][3] = np.nan  # one example on one device poisons the global loss
+  state, metrics = step(state, teacher_variables, train.split_for_pmap(bad))
+  after = jax.device_get(train.unreplicate(state))
+  metrics = train.unreplicate(metrics)
+  assert float(metrics["nonfinite"]) == 1.0 and not np.isfinite(float(metrics["loss"]))
+  jax.tree.map(np.testing.assert_array_equal, after.params, before.params)
+  jax.tree.map(np.testing.assert_array_equal, after.opt_state, before.opt_state)
+  jax.tree.map(np.testing.assert_array_equal, after.batch_stats, before.batch_stats)
+  assert int(after.step) == int(before.step) + 1  # documented: the step still counts
+
+  state, metrics = step(state, teacher_variables, train.split_for_pmap(_data(seed=3)))
+  assert float(train.unreplicate(metrics)["nonfinite"]) == 0.0
+  assert _max_abs_diff(train.unreplicate(state).params, before.params) > 0
+
+
+def test_bfloat16_compute():
+  seen_dtypes = []
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, *, train: bool = False):
+      x = x.reshape((x.shape[0], -1))
+      logits = nn.Dense(NUM_CLASSES)(nn.relu(nn.Dense(32)(x)))  # dtype=None: computes in the inputs' dtype
+      seen_dtypes.append(logits.dtype)
+      return logits
+
+  teacher, teacher_variables = _teacher()
+  batches = [_data(seed=s) for s in range(3)]
+  results = {}
+  for dtype in (None, jnp.bfloat16):
+    seen_dtypes.clear()
+    step = train.make_train_step(teacher_apply_fn=teacher.apply, parallel="single", compute_dtype=dtype)
+    state = _state(Net(), optax.sgd(0.1))
+    for batch in batches:
+      state, metrics = step(state, teacher_variables, batch)
+    results[dtype] = (state, metrics)
+    assert seen_dtypes[-1] == (dtype or jnp.float32)  # the traced student really ran in that dtype
+  state, metrics = results[jnp.bfloat16]
+  reference_state, reference_metrics = results[None]
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state.params)), "master params stay float32"
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state.opt_state))
+  assert metrics["loss"].dtype == jnp.float32
+  np.testing.assert_allclose(metrics["loss"], reference_metrics["loss"], rtol=2e-2)
+  assert _max_abs_diff(state.params, reference_state.params) < 2e-2
+
+
+def test_eval_counts_each_real_example_once():
+  teacher, teacher_variables = _teacher()
+  state = _state()
+  state, _ = train.make_train_step(teacher_apply_fn=teacher.apply, parallel="single")(state, teacher_variables, _data())
+  real = _data(30, seed=5)
+  padded = {
+    "image": np.concatenate([real["image"], np.zeros((2, 4, 4, 1), np.float32)]),
+    "label": np.concatenate([real["label"], np.zeros(2, np.int32)]),
+    "mask": np.arange(32) < 30,
+  }
+  expected = train.make_eval_step(teacher_apply_fn=teacher.apply, parallel="single")(state, teacher_variables, real)
+  assert int(expected["count"]) == 30
+  for parallel in ("pmap", "shard_map"):
+    evaluate = train.make_eval_step(teacher_apply_fn=teacher.apply, parallel=parallel)
+    sums = _host(parallel, evaluate(*_place(parallel, state, teacher_variables, padded)))
+    assert set(sums) == set(expected)
+    for name in ("count", "correct", "teacher_correct", "agreement"):
+      assert int(sums[name]) == int(expected[name]), (parallel, name)
+    for name in ("ce_sum", "kd_loss_sum"):
+      np.testing.assert_allclose(sums[name], expected[name], rtol=1e-5, err_msg=f"{parallel}: {name}")
+  # Accumulated over two batches, then averaged.
+  total = jax.tree.map(lambda a, b: a + b, expected, expected)
+  means = train.summarize_eval(total)
+  assert means["count"] == 60
+  assert means["accuracy"] == pytest.approx(int(expected["correct"]) / 30)
+  assert means["ce"] == pytest.approx(float(expected["ce_sum"]) / 30, rel=1e-6)
+  assert set(means) == {"count", "accuracy", "ce", "teacher_accuracy", "agreement", "kd_loss"}
+
+
+def test_create_train_state():
+  # A list-valued attribute makes a linen module unhashable; init must still work.
+  state = train.create_train_state(MLP(hidden_sizes=[8], num_classes=3), optax.sgd(0.1), np.zeros((1, 4)), rng=0)
+  assert state.params["Dense_1"]["kernel"].shape == (8, 3)
+  assert state.batch_stats == {} and state.step.dtype == jnp.int32 and int(state.step) == 0
+  assert jnp.issubdtype(state.rng.dtype, jax.dtypes.prng_key)
+  with pytest.raises(ValueError, match="needs example_input"):
+    train.create_train_state(MLP(), optax.sgd(0.1), rng=0)
+
+
+def test_replicate_round_trip_keeps_typed_keys():
+  state = _state()
+  replicated = train.replicate(state)
+  assert replicated.step.shape == (NUM_DEVICES,)
+  assert jnp.issubdtype(replicated.rng.dtype, jax.dtypes.prng_key) and replicated.rng.shape == (NUM_DEVICES,)
+  back = train.unreplicate(replicated)
+  assert jax.random.key_data(back.rng).tolist() == jax.random.key_data(state.rng).tolist()
+  assert _max_abs_diff(back.params, state.params) == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad inputs: ValueError before anything compiles, with the sizes in the message.
+
+
+def _never_traced(student_logits, teacher_logits, labels):
+  raise AssertionError("the step must reject bad input before tracing")
+
+
+def _bad_step(parallel: str, teacher_num_classes: int | None = NUM_CLASSES):
+  teacher_apply, teacher_variables = (None, None)
+  if teacher_num_classes is not None:
+    teacher, teacher_variables = _teacher(teacher_num_classes)
+    teacher_apply = teacher.apply
+  step = train.make_train_step(teacher_apply_fn=teacher_apply, loss_fn=_never_traced, parallel=parallel)
+  return step, teacher_variables
+
+
+def test_error_pmap_leading_axis_not_device_count():
+  step, teacher_variables = _bad_step("pmap")
+  batch = jax.tree.map(lambda x: x.reshape(2, 16, *x.shape[1:]), _data())
+  with pytest.raises(ValueError, match=r"local_devices=4.*got shape \(2, 16, 4, 4, 1\)"):
+    step(train.replicate(_state()), train.replicate(teacher_variables), batch)
+
+
+def test_error_pmap_state_not_replicated():
+  step, teacher_variables = _bad_step("pmap")
+  with pytest.raises(ValueError, match=r"state replicated over the 4 local devices.*use replicate\(state\)"):
+    step(_state(), train.replicate(teacher_variables), train.split_for_pmap(_data()))
+
+
+def test_error_batch_does_not_divide_over_devices():
+  step, teacher_variables = _bad_step("shard_map")
+  with pytest.raises(ValueError, match=r"batch size 30 .* does not divide over the 4 devices"):
+    step(_state(), teacher_variables, _data(30))
+  with pytest.raises(ValueError, match=r"batch size 30 does not divide over 4 devices"):
+    train.split_for_pmap(_data(30))
+
+
+def test_error_student_and_teacher_classes_differ():
+  step, teacher_variables = _bad_step("single", teacher_num_classes=7)
+  with pytest.raises(
+    ValueError, match=r"student logits \(32, 5\) \(5 classes\), teacher logits \(32, 7\) \(7 classes\)"
+  ):
+    step(_state(), teacher_variables, _data())
+  offline, _ = _bad_step("single", teacher_num_classes=None)
+  cached = {**_data(), "teacher_logits": np.zeros((32, 7), np.float32)}
+  with pytest.raises(ValueError, match=r"teacher_logits'\] of shape \(32, 7\).*\(32, 5\) \(5 classes\)"):
+    offline(_state(), None, cached)
+
+
+def test_error_labels_out_of_range():
+  step, teacher_variables = _bad_step("single")
+  batch = _data()
+  batch["label"][4] = NUM_CLASSES
+  with pytest.raises(ValueError, match=r"labels must be in \[0, num_classes=5\), got values in \[0, 5\]"):
+    step(_state(), teacher_variables, batch)
+  batch["label"][4] = -1
+  with pytest.raises(ValueError, match=r"got values in \[-1, 4\]"):
+    step(_state(), teacher_variables, batch)
+  # Padding rows may hold anything: only real examples are checked.
+  batch["mask"] = np.arange(32) != 4
+  evaluate = train.make_eval_step(teacher_apply_fn=_teacher()[0].apply, parallel="single")
+  assert int(evaluate(_state(), teacher_variables, batch)["count"]) == 31
+
+
+def test_error_labels_do_not_match_logits():
+  step, teacher_variables = _bad_step("single")
+  batch = {**_data(), "label": np.zeros((32, 2), np.int32)}
+  with pytest.raises(ValueError, match=r"student logits of shape \(32, 5\).*labels of shape \(32, 2\)"):
+    step(_state(), teacher_variables, batch)
+  with pytest.raises(TypeError, match="integer class indices, got dtype float32"):
+    step(_state(), teacher_variables, {**_data(), "label": np.zeros(32, np.float32)})
+
+
+def test_error_two_teacher_sources_and_bad_modes():
+  step, teacher_variables = _bad_step("single")
+  with pytest.raises(ValueError, match="both teacher_apply_fn and batch\\['teacher_logits'\\]"):
+    step(_state(), teacher_variables, {**_data(), "teacher_logits": np.zeros((32, 5), np.float32)})
+  with pytest.raises(ValueError, match="parallel must be one of"):
+    train.make_train_step(parallel="pjit")
+  with pytest.raises(ValueError, match="alpha must be in"):
+    train.make_train_step(alpha=1.5)
+  with pytest.raises(ValueError, match="temperature must be"):
+    train.make_train_step(temperature=0.0)

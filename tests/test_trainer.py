@@ -1,0 +1,150 @@
+"""The training loop: exact resume, SIGTERM save-and-resume, non-finite handling, best-checkpoint retention."""
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from jaxkd import checkpoint as ckpt
+from jaxkd import train, trainer
+from jaxkd.models import MLP
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import _fit_worker  # noqa: E402
+
+WORKER = pathlib.Path(__file__).parent / "_fit_worker.py"
+
+
+def leaves(tree):
+  return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
+
+
+def test_stop_and_resume_is_bit_identical(tmp_path):
+  full = _fit_worker.make_run(tmp_path / "full", 20)
+  first = _fit_worker.make_run(tmp_path / "split", 20, stop_after=9)
+  assert first.preempted and first.step == 9
+  second = _fit_worker.make_run(tmp_path / "split", 20)
+  assert second.resumed_from == 9 and second.step == 20 and not second.preempted
+  for a, b in zip(leaves(full.state.params), leaves(second.state.params), strict=True):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(leaves(full.state.opt_state), leaves(second.state.opt_state), strict=True):
+    np.testing.assert_array_equal(a, b)
+  # Rerunning a finished run does no steps and changes nothing.
+  third = _fit_worker.make_run(tmp_path / "split", 20)
+  assert third.resumed_from == 20
+  for a, b in zip(leaves(full.state.params), leaves(third.state.params), strict=True):
+    np.testing.assert_array_equal(a, b)
+  assert (tmp_path / "split" / "metrics.jsonl").read_text().count("\n") >= 4
+
+
+def test_sigterm_saves_then_resumes_exactly(tmp_path):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  subprocess.run(
+    [sys.executable, str(WORKER), str(tmp_path / "ref"), "60", str(tmp_path / "ref.npz")],
+    check=True,
+    env=env,
+    timeout=180,
+  )
+  proc = subprocess.Popen(
+    [sys.executable, str(WORKER), str(tmp_path / "run"), "60", str(tmp_path / "run.npz"), "--slow"],
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
+  try:
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or metrics.read_text().count("\n") < 10):
+      time.sleep(0.1)
+    assert metrics.exists(), "the training subprocess never logged a step"
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 143, output
+  assert "stopping at step" in output and "SIGTERM" in output
+  stopped = np.load(tmp_path / "run.npz")
+  stopped_at = int(stopped["step"])
+  assert 10 <= stopped_at < 60 and bool(stopped["preempted"])
+  assert ckpt.Checkpointer(tmp_path / "run" / "checkpoints").latest_step() == stopped_at
+  # Resume with the same command.
+  subprocess.run(
+    [sys.executable, str(WORKER), str(tmp_path / "run"), "60", str(tmp_path / "run.npz")],
+    check=True,
+    env=env,
+    timeout=180,
+  )
+  ref, resumed = np.load(tmp_path / "ref.npz"), np.load(tmp_path / "run.npz")
+  assert int(resumed["step"]) == 60
+  for key in ref.files:
+    np.testing.assert_array_equal(ref[key], resumed[key])
+
+
+class _NaNAfter:
+  def __init__(self, n):
+    self.n, self.count = n, 0
+
+  def __next__(self):
+    self.count += 1
+    images = np.ones((8, 2, 2, 1), np.float32) * (np.nan if self.count > self.n else 1.0)
+    return {"image": images, "label": np.zeros(8, np.int32)}
+
+
+def test_nonfinite_steps_are_skipped_then_reported(tmp_path):
+  model = MLP(hidden_sizes=(4,), num_classes=2)
+  state = train.create_train_state(model, optax.sgd(0.1), np.zeros((1, 2, 2, 1), np.float32), rng=0)
+  step = train.make_train_step(parallel="single")
+  with pytest.raises(trainer.NonFiniteLossError, match=r"5 consecutive steps up to step 8"):
+    trainer.fit(
+      state,
+      train_step=step,
+      train_data=_NaNAfter(3),
+      num_steps=50,
+      parallel="single",
+      workdir=tmp_path,
+      log_every=1,
+      max_consecutive_nonfinite=5,
+      progress=False,
+    )
+  # The last good parameters were saved, not NaNs.
+  restored = ckpt.Checkpointer(tmp_path / "checkpoints").restore(state)
+  assert restored.step == 8
+  assert all(np.all(np.isfinite(x)) for x in leaves(restored.state.params))
+
+
+def test_eval_and_best_checkpoint(tmp_path):
+  model = MLP(hidden_sizes=(4,), num_classes=2)
+  state = train.create_train_state(model, optax.sgd(0.1), np.zeros((1, 2, 2, 1), np.float32), rng=0)
+  scores = iter([0.2, 0.9, 0.1, 0.3, 0.4])
+
+  class Data:
+    def __next__(self):
+      return {"image": np.ones((8, 2, 2, 1), np.float32), "label": np.zeros(8, np.int32)}
+
+  result = trainer.fit(
+    state,
+    train_step=train.make_train_step(parallel="single"),
+    train_data=Data(),
+    num_steps=10,
+    parallel="single",
+    workdir=tmp_path,
+    eval_fn=lambda s: {"accuracy": next(scores)},
+    eval_every=2,
+    checkpoint_every=2,
+    max_to_keep=1,
+    best_metric="accuracy",
+    progress=False,
+  )
+  assert result.eval_metrics == {"accuracy": 0.4}
+  manager = ckpt.Checkpointer(tmp_path / "checkpoints", best_metric="accuracy")
+  assert manager.all_steps() == [4, 10]
+  assert manager.best_step() == 4
