@@ -19,7 +19,6 @@ renames it when complete, so a save killed half-way is never taken for a checkpo
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 import pathlib
@@ -31,6 +30,8 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from jaxkd.utils import tree_fingerprint
 
 __all__ = [
   "Checkpointer",
@@ -64,19 +65,12 @@ class Restored:
 
 
 def fingerprint(tree: PyTree) -> str:
-  """A SHA-256 of a pytree's structure, shapes, dtypes and values (hex, 16 characters).
+  """A short (16 hex digits) SHA-256 of a pytree's structure, shapes, dtypes and values.
 
-  Used to record which teacher a student learned from and to key caches; any
-  changed parameter changes it.
+  Used to record which teacher a student learned from; any changed parameter
+  changes it. The teacher-logit cache keys on the full digest of the same hash.
   """
-  digest = hashlib.sha256()
-  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-  for path, leaf in leaves:
-    array = np.asarray(jax.device_get(leaf))
-    digest.update(jax.tree_util.keystr(path).encode())
-    digest.update(f"{array.shape}{array.dtype}".encode())
-    digest.update(np.ascontiguousarray(array).tobytes())
-  return digest.hexdigest()[:16]
+  return tree_fingerprint(tree)[:16]
 
 
 def _to_host(tree: PyTree) -> PyTree:

@@ -1,0 +1,130 @@
+"""Every experiment end to end on tiny settings, and the main job's quick setting on real Fashion-MNIST."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from experiments import cnn_to_mlp, hinton2015, omit_class
+from tests.test_datasets import REAL_FASHION_MNIST, write_idx_dir
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+  """300 training and 100 test examples in real IDX files, prepared once into a tfds data dir."""
+  source = tmp_path_factory.mktemp("idx")
+  write_idx_dir(source)
+  return str(source), str(tmp_path_factory.mktemp("tfds"))
+
+
+def tiny(config, data, **overrides):
+  config.source_dir, config.data_dir = data
+  config.validation_size = 100
+  config.batch_size = 64
+  config.parallel = "single"
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+def read_results(workdir):
+  return json.loads((workdir / "results.json").read_text())
+
+
+def test_cnn_to_mlp_tiny(tiny_data, tmp_path):
+  config = tiny(
+    cnn_to_mlp.get_config(),
+    tiny_data,
+    teacher_features=(4, 4),
+    teacher_dense=8,
+    teacher_epochs=1,
+    student_epochs=1,
+    temperatures=(1.0, 4.0),
+    alphas=(0.9,),
+    seeds=(0, 1),
+    latency_repeats=2,
+  )
+  cnn_to_mlp.run(config, tmp_path)
+  for name in ["results.json", "results.md", "sweep.png", "accuracy.png", "teacher/metrics.jsonl"]:
+    assert (tmp_path / name).exists(), name
+  saved = read_results(tmp_path)
+  assert set(saved) >= {"rows", "sweep", "best", "gap_closed", "teacher", "scratch", "distilled", "teacher_checkpoint"}
+  assert [row["model"].split()[0] for row in saved["rows"]] == ["teacher", "student", "student"]
+  for row in saved["rows"]:
+    assert row["params"] > 0 and row["flops_per_example"] > 0 and row["latency_b1_ms"] > 0
+  assert len(saved["sweep"]) == 2 and len(saved["distilled"]) == 2
+  assert 0.0 <= saved["teacher"]["test_accuracy"] <= 1.0
+  assert "| model | test_accuracy |" in (tmp_path / "results.md").read_text()
+  # Rerunning skips every finished sub-run: no training step is logged again.
+  before = (tmp_path / "teacher" / "metrics.jsonl").read_text()
+  cnn_to_mlp.run(config, tmp_path)
+  assert (tmp_path / "teacher" / "metrics.jsonl").read_text() == before
+
+
+def test_hinton2015_tiny(tiny_data, tmp_path):
+  config = tiny(
+    hinton2015.get_config(),
+    tiny_data,
+    teacher_hidden=(16, 16),
+    student_hidden=(8, 8),
+    teacher_epochs=1,
+    student_epochs=1,
+    sweep_epochs=0.25,
+    sweep_temperatures=(1.0, 20.0),
+    sweep_widths=(8, 4),
+  )
+  hinton2015.run(config, tmp_path)
+  saved = read_results(tmp_path)
+  assert len(saved["rows"]) == 3 and len(saved["sweep"]) == 4
+  assert {row["width"] for row in saved["sweep"]} == {8, 4}
+  assert saved["paper_mnist"] == {"teacher_errors": 67, "scratch_errors": 146, "distilled_errors": 74}
+  assert (tmp_path / "temperature_sweep.png").stat().st_size > 1000
+  # The distilled student records which teacher it learned from.
+  meta_dirs = list((tmp_path / "distilled_T20" / "checkpoints").glob("*/meta"))
+  assert meta_dirs
+
+
+def test_omit_class_tiny(tiny_data, tmp_path):
+  config = tiny(
+    omit_class.get_config(), tiny_data, teacher_hidden=(16,), student_hidden=(8,), teacher_epochs=1, student_epochs=1
+  )
+  omit_class.run(config, tmp_path)
+  saved = read_results(tmp_path)
+  assert saved["transfer_set_size"] == 200 - 20  # 200 fit examples, labels cycle so a tenth are 3s.
+  assert len(saved["curves"]["test"]["errors"]) == len(saved["shifts"])
+  assert (tmp_path / "bias_shift.png").exists()
+
+
+def test_bias_shift_counts():
+  import numpy as np
+
+  logits = np.array([[2.0, 0.0, 1.0], [0.0, 3.0, 2.5], [1.0, 0.0, 0.5]])
+  labels = np.array([0, 2, 2])
+  predictions = omit_class.predictions_with_shift(logits, 2, np.array([0.0, 1.0, 5.0]))
+  np.testing.assert_array_equal(predictions, [[0, 1, 0], [0, 2, 2], [2, 2, 2]])
+  total, on_class = omit_class.error_counts(predictions, labels, 2)
+  np.testing.assert_array_equal(total, [2, 0, 1])
+  np.testing.assert_array_equal(on_class, [2, 0, 0])
+
+
+def test_main_job_quick_on_real_fashion_mnist(tmp_path):
+  """The README's main job at --config.quick=True, through its command line."""
+  if not os.path.exists(os.path.join(REAL_FASHION_MNIST, "train-images-idx3-ubyte.gz")):
+    if os.environ.get("JAXKD_REQUIRE_REAL_DATA"):
+      pytest.fail(f"JAXKD_REQUIRE_REAL_DATA is set but {REAL_FASHION_MNIST} has no Fashion-MNIST")
+    pytest.skip(f"real Fashion-MNIST not installed in {REAL_FASHION_MNIST} (apt-get install dataset-fashion-mnist)")
+  root = pathlib.Path(__file__).parent.parent
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  command = [sys.executable, "-m", "experiments.cnn_to_mlp", f"--workdir={tmp_path}", "--config.quick=True"]
+  command.append(f"--config.data_dir={tmp_path / 'tfds'}")
+  out = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  saved = read_results(tmp_path)
+  assert saved["config"]["train_subset"] == 10000
+  # A CNN trained briefly on Fashion-MNIST is far above chance (10%); so is the MLP student.
+  assert saved["teacher"]["test_accuracy"] > 0.75
+  assert all(r["test_accuracy"] > 0.7 for r in saved["scratch"] + saved["distilled"])
+  assert "Distillation closes" in out.stdout
