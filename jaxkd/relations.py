@@ -1,0 +1,757 @@
+"""Relation-based distillation: losses on the relations between the examples of a batch, plus CRD.
+
+The relation losses (similarity-preserving, RKD, PKT, correlation congruence) compare batch×batch (or
+batch×batch×batch) structures, so each returns **one scalar per batch**, already averaged: do not reduce it again.
+Inputs are ``[batch, ...]`` and flattened to ``[batch, features]``; student and teacher widths may differ.
+
+Local or global batch: by default the relations are taken over the batch the function is given (the local,
+per-device batch under data parallelism). Pass ``axis_name`` (inside ``jax.pmap``, ``shard_map`` or
+``jax.vmap(..., axis_name=...)``) to ``all_gather`` the inputs over that axis first, so that every device computes
+the loss of the global batch. Treat that copy like a per-device mean of per-example losses: the gradient reduction
+that turns the devices' gradients of their local means into the gradient of the global mean also turns these into
+the gradient of the global-batch relation loss (under ``pmap``: ``lax.pmean`` of the gradients; the transpose of
+``all_gather`` sums every device's cotangent, so each device gets ``num_devices`` times its examples' share). Tested
+with ``pmap`` and named ``vmap``; under ``shard_map`` the values agree too.
+
+``where`` is an optional boolean *example* mask of shape ``[batch]`` (e.g. padding in the last batch): False examples
+are left out of every relation, as if sliced away, and get zero gradient whatever their features hold.
+
+CRD (Tian et al. 2020) is different: a per-example contrastive loss against a memory bank of past embeddings,
+kept as a plain pytree (:class:`CRDMemory`) in the train state and updated by the pure :func:`crd_update_memory`.
+
+RepDistiller's loss weights (Tian et al. 2020), for reference: SP 3000, RKD 1 (with distance 25 and angle 50
+inside), PKT 30000, CC 0.02 (for its own simplified CC, not the kernel form here), CRD 0.8.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxkd.losses import _as_float, _cross_entropy_terms, _safe_norm
+
+__all__ = [
+  "similarity_preserving_loss",
+  "rkd_distance_loss",
+  "rkd_angle_loss",
+  "rkd_loss",
+  "pkt_loss",
+  "cc_loss",
+  "CRDHeads",
+  "CRDMemory",
+  "crd_init_memory",
+  "crd_sample_contrast_indices",
+  "crd_log_normalizers",
+  "crd_loss",
+  "crd_update_memory",
+]
+
+
+def _l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
+  return x / jnp.maximum(_safe_norm(x, axis=axis, keepdims=True), eps)
+
+
+def _prepare(
+  student: jax.typing.ArrayLike,
+  teacher: jax.typing.ArrayLike,
+  where: jax.typing.ArrayLike | None,
+  axis_name: Any,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Float32, teacher under stop_gradient, flattened to [batch, features], masked rows zeroed, gathered."""
+  student = _as_float(student)
+  teacher = jax.lax.stop_gradient(_as_float(teacher))
+  if student.ndim < 2 or teacher.ndim < 2 or student.shape[0] != teacher.shape[0]:
+    raise ValueError(
+      f"student and teacher must be [batch, ...] with the same batch size, got student {tuple(student.shape)} and "
+      f"teacher {tuple(teacher.shape)}."
+    )
+  batch = student.shape[0]
+  student = student.reshape(batch, -1)  # [batch, student_features]
+  teacher = teacher.reshape(batch, -1)  # [batch, teacher_features]
+  if where is None:
+    mask = jnp.ones((batch,), jnp.bool_)
+  else:
+    mask = jnp.asarray(where)
+    if mask.dtype != jnp.bool_:
+      raise TypeError(f"where must be a boolean example mask, got dtype {mask.dtype}.")
+    if mask.shape != (batch,):
+      raise ValueError(f"where must have shape [batch] = ({batch},), got {tuple(mask.shape)}.")
+    # The first where of double-where: masked rows never reach the arithmetic.
+    student = jnp.where(mask[:, None], student, 0.0)
+    teacher = jnp.where(mask[:, None], teacher, 0.0)
+  if axis_name is not None:
+    student, teacher, mask = jax.lax.all_gather((student, teacher, mask), axis_name, tiled=True)
+  if student.shape[0] < 2:
+    raise ValueError(f"relation losses need at least 2 examples in the batch, got {student.shape[0]}.")
+  return student, teacher, mask
+
+
+def _pair_mask(mask: jax.Array, *, diagonal: bool) -> jax.Array:
+  pairs = mask[:, None] & mask[None, :]
+  if not diagonal:
+    pairs = pairs & ~jnp.eye(mask.shape[0], dtype=jnp.bool_)
+  return pairs
+
+
+def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+  return jnp.sum(jnp.where(mask, x, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+
+
+def _huber(x: jax.Array) -> jax.Array:
+  """Smooth L1 (Huber with delta = 1), as ``torch.nn.functional.smooth_l1_loss``."""
+  absolute = jnp.abs(x)
+  return jnp.where(absolute < 1.0, 0.5 * x * x, absolute - 0.5)
+
+
+# ---------------------------------------------------------------- similarity-preserving
+
+
+def similarity_preserving_loss(
+  student: jax.typing.ArrayLike,
+  teacher: jax.typing.ArrayLike,
+  *,
+  where: jax.typing.ArrayLike | None = None,
+  axis_name: Any = None,
+) -> jax.Array:
+  r"""Similarity-preserving KD: match the row-normalised batch Gram matrices (a scalar per batch).
+
+  With :math:`Q` the ``[b, features]`` flattened activations,
+
+  .. math::
+    \tilde G = \mathrm{rownorm}(Q Q^\top), \quad
+    \ell = \frac{1}{b^2} \left\| \tilde G_T - \tilde G_S \right\|_F^2
+
+  where ``rownorm`` divides each row by its L2 norm. The paper sums this over
+  layer pairs with weight :math:`\gamma` (3000 in the paper and RepDistiller).
+
+  Args:
+    student: ``[batch, ...]`` student activations.
+    teacher: ``[batch, ...]`` teacher activations (any width).
+    where: optional boolean example mask ``[batch]``.
+    axis_name: optional named axis: the loss is then over the gathered global batch.
+
+  Returns:
+    The scalar batch loss, float32.
+
+  >>> import jax.numpy as jnp
+  >>> x = jnp.array([[1.0, 0.0], [0.0, 2.0]])
+  >>> similarity_preserving_loss(x, 3.0 * x)
+  Array(0., dtype=float32)
+
+  References:
+    Tung and Mori, *Similarity-Preserving Knowledge Distillation*, ICCV 2019.
+    https://arxiv.org/abs/1907.09682
+  """
+  student, teacher, mask = _prepare(student, teacher, where, axis_name)
+  student_gram = _l2_normalize(student @ student.T)  # [batch, batch]
+  teacher_gram = _l2_normalize(teacher @ teacher.T)
+  count = jnp.maximum(jnp.sum(mask), 1).astype(student.dtype)
+  return jnp.sum(jnp.square(teacher_gram - student_gram)) / count**2
+
+
+# ---------------------------------------------------------------- relational KD
+
+
+def _pairwise_distances(x: jax.Array, mask: jax.Array) -> jax.Array:
+  """Euclidean distance matrix from the Gram matrix of the centred rows, with finite gradients at 0."""
+  weights = mask[:, None].astype(x.dtype)
+  x = (x - jnp.sum(x * weights, axis=0) / jnp.maximum(jnp.sum(weights), 1.0)) * weights
+  gram = x @ x.T
+  norms = jnp.diagonal(gram)
+  squared = jnp.maximum(norms[:, None] + norms[None, :] - 2.0 * gram, 0.0)
+  positive = squared > 0
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, squared, 1.0)), 0.0)
+
+
+def rkd_distance_loss(
+  student: jax.typing.ArrayLike,
+  teacher: jax.typing.ArrayLike,
+  *,
+  where: jax.typing.ArrayLike | None = None,
+  axis_name: Any = None,
+) -> jax.Array:
+  r"""RKD distance-wise loss: Huber loss between mean-normalised pairwise distances (a scalar per batch).
+
+  .. math::
+    \psi_D(x_i, x_j) = \frac{\|x_i - x_j\|_2}{\mu}, \quad
+    \mu = \frac{1}{|\mathcal{P}|} \sum_{(i, j) \in \mathcal{P}} \|x_i - x_j\|_2, \quad
+    \ell = \frac{1}{|\mathcal{P}|} \sum_{(i, j) \in \mathcal{P}} l_\delta\left(\psi_D(t_i, t_j), \psi_D(s_i, s_j)\right)
+
+  over the ordered pairs :math:`\mathcal{P} = \{(i, j): i \ne j\}`, with
+  :math:`l_\delta` the Huber (smooth-L1) loss at :math:`\delta = 1`; student
+  and teacher are each normalised by their own :math:`\mu`. The authors' code
+  averages over all :math:`b^2` entries, diagonal zeros included (a factor
+  :math:`(b - 1) / b` from this). Paper's weight: 25.
+
+  Args:
+    student: ``[batch, ...]`` student embeddings.
+    teacher: ``[batch, ...]`` teacher embeddings (any width).
+    where: optional boolean example mask ``[batch]``.
+    axis_name: optional named axis: the loss is then over the gathered global batch.
+
+  Returns:
+    The scalar batch loss, float32.
+
+  >>> import jax.numpy as jnp
+  >>> x = jnp.array([[0.0, 0.0], [1.0, 0.0], [0.0, 3.0]])
+  >>> rkd_distance_loss(x, 2.0 * x + 1.0)
+  Array(0., dtype=float32)
+
+  References:
+    Park, Kim, Lu and Cho, *Relational Knowledge Distillation*, CVPR 2019.
+    https://arxiv.org/abs/1904.05068
+  """
+  student, teacher, mask = _prepare(student, teacher, where, axis_name)
+  pairs = _pair_mask(mask, diagonal=False)
+
+  def normalized_distances(x: jax.Array) -> jax.Array:
+    distances = _pairwise_distances(x, mask)
+    mean = _masked_mean(distances, pairs)
+    return distances / jnp.where(mean > 0, mean, 1.0)
+
+  return _masked_mean(_huber(normalized_distances(student) - normalized_distances(teacher)), pairs)
+
+
+def _angles(x: jax.Array) -> jax.Array:
+  """cos of the angle at x_a between x_b and x_c: [a, b, c]; 0 where x_b or x_c coincides with x_a."""
+  directions = _l2_normalize(x[None, :, :] - x[:, None, :])  # [a, b, features]: unit (x_b - x_a)
+  return jnp.einsum("abf,acf->abc", directions, directions)
+
+
+def rkd_angle_loss(
+  student: jax.typing.ArrayLike,
+  teacher: jax.typing.ArrayLike,
+  *,
+  where: jax.typing.ArrayLike | None = None,
+  axis_name: Any = None,
+) -> jax.Array:
+  r"""RKD angle-wise loss: Huber loss between the cosines of the angles of all triplets (a scalar per batch).
+
+  .. math::
+    \psi_A(x_i, x_j, x_k) = \left\langle \frac{x_j - x_i}{\|x_j - x_i\|_2},
+      \frac{x_k - x_i}{\|x_k - x_i\|_2} \right\rangle, \quad
+    \ell = \frac{1}{|\mathcal{T}|} \sum_{(i, j, k) \in \mathcal{T}}
+      l_\delta\left(\psi_A(t_i, t_j, t_k), \psi_A(s_i, s_j, s_k)\right)
+
+  over the triplets :math:`\mathcal{T} = \{(i, j, k): j \ne i, k \ne i\}` (the
+  angle at vertex :math:`i`), with the Huber loss at :math:`\delta = 1`. The
+  authors' code averages over all :math:`b^3` entries (a factor
+  :math:`(b - 1)^2 / b^2` from this). Memory is :math:`O(b^2 d + b^3)`.
+  Paper's weight: 50.
+
+  Args:
+    student: ``[batch, ...]`` student embeddings.
+    teacher: ``[batch, ...]`` teacher embeddings (any width).
+    where: optional boolean example mask ``[batch]``.
+    axis_name: optional named axis: the loss is then over the gathered global batch.
+
+  Returns:
+    The scalar batch loss, float32.
+
+  >>> import jax.numpy as jnp
+  >>> x = jnp.array([[0.0, 0.0], [1.0, 0.0], [0.0, 3.0]])
+  >>> rkd_angle_loss(x, 2.0 * x + 1.0)
+  Array(0., dtype=float32)
+
+  References:
+    Park, Kim, Lu and Cho, *Relational Knowledge Distillation*, CVPR 2019.
+    https://arxiv.org/abs/1904.05068
+  """
+  student, teacher, mask = _prepare(student, teacher, where, axis_name)
+  pairs = _pair_mask(mask, diagonal=False)  # [i, j]: j != i, both kept
+  triplets = pairs[:, :, None] & pairs[:, None, :]  # [i, j, k]
+  return _masked_mean(_huber(_angles(student) - _angles(teacher)), triplets)
+
+
+def rkd_loss(
+  student: jax.typing.ArrayLike,
+  teacher: jax.typing.ArrayLike,
+  *,
+  distance_weight: jax.typing.ArrayLike = 25.0,
+  angle_weight: jax.typing.ArrayLike = 50.0,
+  where: jax.typing.ArrayLike | None = None,
+  axis_name: Any = None,
+) -> jax.Array:
+  r"""RKD: the weighted sum of :func:`rkd_distance_loss` and :func:`rkd_angle_loss` (a scalar per batch).
+
+  .. math::
+    \ell = \lambda_D\, \ell_D + \lambda_A\, \ell_A
+
+  with the paper's :math:`\lambda_D = 25`, :math:`\lambda_A = 50`.
+
+  Args:
+    student: ``[batch, ...]`` student embeddings.
+    teacher: ``[batch, ...]`` teacher embeddings (any width).
+    distance_weight: :math:`\lambda_D`.
+    angle_weight: :math:`\lambda_A`.
+    where: optional boolean example mask ``[batch]``.
+    axis_name: optional named axis: the loss is then over the gathered global batch.
+
+  Returns:
+    The scalar batch loss, float32.
+
+  >>> import jax.numpy as jnp
+  >>> x = jnp.array([[0.0, 0.0], [1.0, 0.0], [0.0, 3.0]])
+  >>> rkd_loss(x, -x)
+  Array(0., dtype=float32)
+
+  References:
+    Park, Kim, Lu and Cho, *Relational Knowledge Distillation*, CVPR 2019.
+    https://arxiv.org/abs/1904.05068
+  """
+  distance = rkd_distance_loss(student, teacher, where=where, axis_name=axis_name)
+  angle = rkd_angle_loss(student, teacher, where=where, axis_name=axis_name)
+  return distance_weight * distance + angle_weight * angle
+
+
+# ---------------------------------------------------------------- probabilistic knowledge transfer
+
+
+def pkt_loss(
+  student: jax.typing.ArrayLike,
+  teacher: jax.typing.ArrayLike,
+  *,
+  eps: float = 1e-7,
+  where: jax.typing.ArrayLike | None = None,
+  axis_name: Any = None,
+) -> jax.Array:
+  r"""PKT: KL divergence between the cosine-kernel conditional probabilities of the batch (a scalar per batch).
+
+  With the cosine-similarity kernel
+  :math:`K(a, b) = \frac12 \left(\frac{a^\top b}{\|a\|_2 \|b\|_2} + 1\right) \in [0, 1]`:
+
+  .. math::
+    p_{j|i} = \frac{K(x_i, x_j)}{\sum_{k \ne i} K(x_i, x_k)}, \quad
+    \ell = \frac{1}{b} \sum_i \sum_{j \ne i} p^t_{j|i} \log \frac{p^t_{j|i}}{p^s_{j|i}}
+
+  i.e. the mean over anchors :math:`i` of
+  :math:`\mathrm{KL}(P^t_{\cdot|i} \| P^s_{\cdot|i})`, as in the paper.
+  RepDistiller's code includes the self-similarity :math:`j = i` and divides
+  the double sum by :math:`b^2`; its weight 30000 therefore corresponds to
+  about :math:`30000 / b` here. Norms are computed as
+  :math:`\|x\|_2 + \epsilon`, as in the authors' code.
+
+  Args:
+    student: ``[batch, ...]`` student features.
+    teacher: ``[batch, ...]`` teacher features (any width).
+    eps: added to the norms.
+    where: optional boolean example mask ``[batch]``.
+    axis_name: optional named axis: the loss is then over the gathered global batch.
+
+  Returns:
+    The scalar batch loss, float32.
+
+  >>> import jax.numpy as jnp
+  >>> x = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+  >>> abs(float(pkt_loss(x, 5.0 * x))) < 1e-6  # invariant to the features' scale
+  True
+
+  References:
+    Passalis and Tefas, *Learning Deep Representations with Probabilistic Knowledge Transfer*, ECCV 2018.
+    https://arxiv.org/abs/1803.10837
+  """
+  student, teacher, mask = _prepare(student, teacher, where, axis_name)
+  pairs = _pair_mask(mask, diagonal=False)
+
+  def log_conditionals(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    x = x / (_safe_norm(x, keepdims=True) + eps)
+    kernel = jnp.where(pairs, 0.5 * (x @ x.T + 1.0), 0.0)  # [anchor, other]
+    kernel = jnp.maximum(kernel, 0.0)  # rounding can leave a cosine a hair below -1
+    totals = jnp.sum(kernel, axis=-1, keepdims=True)
+    probs = kernel / jnp.where(totals > 0, totals, 1.0)
+    positive = probs > 0
+    return probs, jnp.where(positive, jnp.log(jnp.where(positive, probs, 1.0)), -jnp.inf)
+
+  teacher_probs, teacher_log_probs = log_conditionals(teacher)
+  _, student_log_probs = log_conditionals(student)
+  kl = jnp.sum(
+    _cross_entropy_terms(teacher_probs, teacher_log_probs) - _cross_entropy_terms(teacher_probs, student_log_probs),
+    axis=-1,
+  )  # [anchor]
+  return _masked_mean(kl, mask)
+
+
+# ---------------------------------------------------------------- correlation congruence
+
+
+def cc_loss(
+  student: jax.typing.ArrayLike,
+  teacher: jax.typing.ArrayLike,
+  *,
+  gamma: float = 0.4,
+  taylor_order: int | None = 2,
+  where: jax.typing.ArrayLike | None = None,
+  axis_name: Any = None,
+) -> jax.Array:
+  r"""Correlation congruence: match the batch correlation (Gaussian RBF kernel) matrices (a scalar per batch).
+
+  On L2-normalised embeddings :math:`f` (so that
+  :math:`\|f_i - f_j\|^2 = 2 - 2 f_i^\top f_j`), the Gaussian RBF kernel is
+
+  .. math::
+    k(f_i, f_j) = \exp(-\gamma \|f_i - f_j\|^2)
+      = e^{-2\gamma} \exp(2\gamma f_i^\top f_j)
+      \approx \sum_{p=0}^{P} e^{-2\gamma} \frac{(2\gamma)^p}{p!} (f_i^\top f_j)^p
+
+  and with :math:`C_{ij} = k(f_i, f_j)` for student and teacher,
+
+  .. math::
+    \ell = \frac{1}{b^2} \left\| C_T - C_S \right\|_F^2 .
+
+  ``taylor_order=P`` uses the paper's P-order Taylor expansion (the paper's
+  choice: :math:`P = 2`, :math:`\gamma = 0.4`); ``taylor_order=None`` uses the
+  exact kernel. This is the paper's kernel form; RepDistiller's "CC" (weight
+  0.02) is a different, simplified loss.
+
+  Args:
+    student: ``[batch, ...]`` student embeddings.
+    teacher: ``[batch, ...]`` teacher embeddings (any width).
+    gamma: the kernel's :math:`\gamma > 0`.
+    taylor_order: :math:`P \ge 0`, or None for the exact kernel.
+    where: optional boolean example mask ``[batch]``.
+    axis_name: optional named axis: the loss is then over the gathered global batch.
+
+  Returns:
+    The scalar batch loss, float32.
+
+  >>> import jax.numpy as jnp
+  >>> x = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+  >>> abs(float(cc_loss(x, 5.0 * x))) < 1e-6  # invariant to the features' scale
+  True
+
+  References:
+    Peng, Jin, Liu, Zhou, Wu, Liu, Li and Zhang, *Correlation Congruence for Knowledge Distillation*, ICCV 2019.
+    https://arxiv.org/abs/1904.01802
+  """
+  if taylor_order is not None and not (isinstance(taylor_order, int) and taylor_order >= 0):
+    raise ValueError(f"taylor_order must be an integer >= 0 or None, got {taylor_order!r}.")
+  student, teacher, mask = _prepare(student, teacher, where, axis_name)
+
+  def correlation(x: jax.Array) -> jax.Array:
+    x = _l2_normalize(x)
+    similarity = x @ x.T
+    if taylor_order is None:
+      return jnp.exp(-2.0 * gamma * (1.0 - similarity))
+    terms = [(2.0 * gamma) ** p / math.factorial(p) * similarity**p for p in range(taylor_order + 1)]
+    return math.exp(-2.0 * gamma) * sum(terms)
+
+  pairs = _pair_mask(mask, diagonal=True)
+  count = jnp.maximum(jnp.sum(mask), 1).astype(student.dtype)
+  return jnp.sum(jnp.where(pairs, jnp.square(correlation(teacher) - correlation(student)), 0.0)) / count**2
+
+
+# ---------------------------------------------------------------- contrastive representation distillation
+
+
+class CRDMemory(NamedTuple):
+  """CRD's memory bank: one L2-normalised embedding per training example, for each side.
+
+  A plain pytree, so it can live in the train state, be checkpointed and be
+  updated inside the jitted step with :func:`crd_update_memory`.
+
+  Attributes:
+    student: ``[num_data, embed_dim]`` past student embeddings.
+    teacher: ``[num_data, embed_dim]`` past teacher embeddings.
+  """
+
+  student: jax.Array
+  teacher: jax.Array
+
+
+def crd_init_memory(rng: jax.Array, num_data: int, embed_dim: int = 128) -> CRDMemory:
+  """A fresh memory bank, uniform in :math:`[-s, s]` with :math:`s = 1/\\sqrt{d/3}` (rows of norm about 1).
+
+  Args:
+    rng: a ``jax.random.key``.
+    num_data: number of training examples (the dataset indices run over ``[0, num_data)``).
+    embed_dim: the embedding width :math:`d` (128 in the paper).
+
+  Returns:
+    A :class:`CRDMemory` of two float32 ``[num_data, embed_dim]`` arrays.
+
+  >>> import jax
+  >>> crd_init_memory(jax.random.key(0), 10, 4).student.shape
+  (10, 4)
+  """
+  scale = 1.0 / math.sqrt(embed_dim / 3.0)
+  student_rng, teacher_rng = jax.random.split(rng)
+  shape = (num_data, embed_dim)
+  return CRDMemory(
+    student=jax.random.uniform(student_rng, shape, jnp.float32, -scale, scale),
+    teacher=jax.random.uniform(teacher_rng, shape, jnp.float32, -scale, scale),
+  )
+
+
+class CRDHeads(nn.Module):
+  """CRD's two embedding heads: a linear map of each side's flattened features to ``features``, L2-normalised.
+
+  Both heads are trained (with the student); the teacher's *features* are put
+  under ``stop_gradient`` here, so no gradient reaches the teacher network.
+
+  Attributes:
+    features: embedding width (128 in the paper).
+    dtype: computation dtype; parameters and outputs are float32.
+
+  Returns from ``__call__(student_features, teacher_features)``: ``(student_embed,
+  teacher_embed)``, each ``[batch, features]`` with unit rows.
+  """
+
+  features: int = 128
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, student_features: jax.Array, teacher_features: jax.Array) -> tuple[jax.Array, jax.Array]:
+    teacher_features = jax.lax.stop_gradient(teacher_features)
+    student_features = student_features.reshape(student_features.shape[0], -1)
+    teacher_features = teacher_features.reshape(teacher_features.shape[0], -1)
+    student_embed = nn.Dense(self.features, dtype=self.dtype, name="student_embed")(student_features)
+    teacher_embed = nn.Dense(self.features, dtype=self.dtype, name="teacher_embed")(teacher_features)
+    return _l2_normalize(_as_float(student_embed)), _l2_normalize(_as_float(teacher_embed))
+
+
+def crd_sample_contrast_indices(
+  rng: jax.Array, indices: jax.typing.ArrayLike, *, num_negatives: int = 16384, num_data: int
+) -> jax.Array:
+  """Contrast indices for :func:`crd_loss`: each example's own index, then ``num_negatives`` others.
+
+  Negatives are drawn uniformly with replacement from the other
+  ``num_data - 1`` examples (the paper draws from all ``num_data``; excluding
+  the positive removes false negatives at no cost).
+
+  Args:
+    rng: a ``jax.random.key``.
+    indices: integer dataset indices ``[batch]`` of the batch's examples.
+    num_negatives: :math:`K` (16384 in the paper).
+    num_data: number of training examples.
+
+  Returns:
+    int32 ``[batch, 1 + num_negatives]``, column 0 holding ``indices``.
+
+  >>> import jax, jax.numpy as jnp
+  >>> crd_sample_contrast_indices(jax.random.key(0), jnp.array([3, 7]), num_negatives=5, num_data=10).shape
+  (2, 6)
+  """
+  indices = jnp.asarray(indices)
+  if not jnp.issubdtype(indices.dtype, jnp.integer) or indices.ndim != 1:
+    raise ValueError(f"indices must be integer dataset indices of shape [batch], got {indices.dtype} {indices.shape}.")
+  if num_data < 2 or num_negatives < 1:
+    raise ValueError(f"need num_data >= 2 and num_negatives >= 1, got {num_data} and {num_negatives}.")
+  indices = indices.astype(jnp.int32)
+  negatives = jax.random.randint(rng, (indices.shape[0], num_negatives), 0, num_data - 1, jnp.int32)
+  negatives = negatives + (negatives >= indices[:, None])  # skip the positive
+  return jnp.concatenate([indices[:, None], negatives], axis=1)
+
+
+def _crd_scores(
+  student_embed: jax.typing.ArrayLike,
+  teacher_embed: jax.typing.ArrayLike,
+  memory: CRDMemory,
+  contrast_indices: jax.typing.ArrayLike,
+  temperature: Any,
+) -> tuple[jax.Array, jax.Array]:
+  student_embed = _as_float(student_embed)
+  teacher_embed = _as_float(teacher_embed)
+  contrast_indices = jnp.asarray(contrast_indices)
+  if student_embed.ndim != 2 or student_embed.shape != teacher_embed.shape:
+    raise ValueError(
+      f"student_embed and teacher_embed must both be [batch, embed_dim], got {tuple(student_embed.shape)} and "
+      f"{tuple(teacher_embed.shape)}."
+    )
+  memory_shape = tuple(np.shape(memory.student))
+  if memory_shape != tuple(np.shape(memory.teacher)) or memory_shape[1:] != student_embed.shape[1:]:
+    raise ValueError(
+      f"memory banks must be [num_data, embed_dim] with embed_dim {student_embed.shape[1]}, got student "
+      f"{memory_shape} and teacher {tuple(np.shape(memory.teacher))}."
+    )
+  if (
+    not jnp.issubdtype(contrast_indices.dtype, jnp.integer)
+    or contrast_indices.ndim != 2
+    or contrast_indices.shape[0] != student_embed.shape[0]
+    or contrast_indices.shape[1] < 2
+  ):
+    raise ValueError(
+      f"contrast_indices must be integer [batch, 1 + num_negatives] = ({student_embed.shape[0]}, >= 2), got "
+      f"{contrast_indices.dtype} {tuple(contrast_indices.shape)}."
+    )
+  if isinstance(temperature, numbers.Number) and not temperature > 0:
+    raise ValueError(f"temperature must be > 0, got {temperature!r}.")
+  student_memory = jax.lax.stop_gradient(_as_float(memory.student))[contrast_indices]  # [batch, 1 + K, embed_dim]
+  teacher_memory = jax.lax.stop_gradient(_as_float(memory.teacher))[contrast_indices]
+  # The student's embedding is contrasted with the teacher's memory, and the teacher's with the student's.
+  student_scores = jnp.einsum("bkd,bd->bk", teacher_memory, student_embed) / temperature
+  teacher_scores = jnp.einsum("bkd,bd->bk", student_memory, teacher_embed) / temperature
+  return student_scores, teacher_scores
+
+
+def _log_normalizer(scores: jax.Array, num_data: int) -> jax.Array:
+  """log Z with Z = num_data · mean(exp(scores)): the authors' Monte-Carlo estimate of the partition function."""
+  return jax.lax.stop_gradient(math.log(num_data) + jax.nn.logsumexp(scores) - math.log(scores.size))
+
+
+def crd_log_normalizers(
+  student_embed: jax.typing.ArrayLike,
+  teacher_embed: jax.typing.ArrayLike,
+  memory: CRDMemory,
+  contrast_indices: jax.typing.ArrayLike,
+  *,
+  temperature: jax.typing.ArrayLike = 0.07,
+) -> tuple[jax.Array, jax.Array]:
+  r"""The batch's estimates of :math:`\log Z` for the two NCE terms of :func:`crd_loss`.
+
+  :math:`Z = N \cdot \mathrm{mean}\, \exp(s / \tau)` over the batch's scores,
+  under ``stop_gradient``. The authors compute it once, on the first batch,
+  and keep it fixed: call this on the first batch, store the pair in the train
+  state and pass it as ``log_normalizers``.
+
+  Args:
+    student_embed: ``[batch, embed_dim]``.
+    teacher_embed: ``[batch, embed_dim]``.
+    memory: the :class:`CRDMemory`.
+    contrast_indices: ``[batch, 1 + num_negatives]``.
+    temperature: :math:`\tau > 0`.
+
+  Returns:
+    ``(log_z_student, log_z_teacher)``, float32 scalars.
+  """
+  student_scores, teacher_scores = _crd_scores(student_embed, teacher_embed, memory, contrast_indices, temperature)
+  num_data = memory.student.shape[0]
+  return _log_normalizer(student_scores, num_data), _log_normalizer(teacher_scores, num_data)
+
+
+def crd_loss(
+  student_embed: jax.typing.ArrayLike,
+  teacher_embed: jax.typing.ArrayLike,
+  memory: CRDMemory,
+  contrast_indices: jax.typing.ArrayLike,
+  *,
+  temperature: jax.typing.ArrayLike = 0.07,
+  log_normalizers: tuple[jax.typing.ArrayLike, jax.typing.ArrayLike] | None = None,
+) -> jax.Array:
+  r"""CRD: NCE contrastive loss of each embedding against the other side's memory bank, per example.
+
+  For the student's embedding :math:`s_i` against the teacher's memory rows
+  :math:`m_k` at ``contrast_indices[i]`` (:math:`k = 0` the positive, the
+  example's own row; :math:`K` negatives), with
+  :math:`P_k = \exp(m_k^\top s_i / \tau) / Z` and the noise term
+  :math:`K P_n = K / N`:
+
+  .. math::
+    \ell^s_i = -\log \frac{P_0}{P_0 + K / N} - \sum_{k=1}^{K} \log \frac{K / N}{P_k + K / N}
+
+  and symmetrically :math:`\ell^t_i` for the teacher's embedding against the
+  student's memory; the loss is :math:`\ell^s_i + \ell^t_i`. It is computed in
+  log space (the authors add :math:`10^{-7}` inside the logarithms instead).
+  With ``log_normalizers=None``, :math:`Z` is estimated on each batch (see
+  :func:`crd_log_normalizers`, which gives the authors' fixed-from-the-first-
+  batch variant). Memory banks get no gradient; both embeddings do (both heads
+  of :class:`CRDHeads` are trained). Paper's settings: ``embed_dim=128``,
+  :math:`K = 16384`, :math:`\tau = 0.07`, momentum 0.5, weight 0.8 next to the
+  cross-entropy at weight 1.
+
+  Args:
+    student_embed: ``[batch, embed_dim]`` unit rows, from :class:`CRDHeads`.
+    teacher_embed: ``[batch, embed_dim]`` unit rows.
+    memory: the :class:`CRDMemory`, ``[num_data, embed_dim]`` each.
+    contrast_indices: integer ``[batch, 1 + K]``, column 0 the examples' own
+      dataset indices (:func:`crd_sample_contrast_indices`).
+    temperature: :math:`\tau > 0`.
+    log_normalizers: optional fixed ``(log_z_student, log_z_teacher)``.
+
+  Returns:
+    Per-example loss of shape ``[batch]``, float32.
+
+  >>> import jax, jax.numpy as jnp
+  >>> memory = crd_init_memory(jax.random.key(0), 8, 4)
+  >>> embed = jnp.eye(4)[:2]
+  >>> crd_loss(embed, embed, memory, jnp.array([[0, 1, 2], [1, 0, 3]])).shape
+  (2,)
+
+  References:
+    Tian, Krishnan and Isola, *Contrastive Representation Distillation*, ICLR 2020.
+    https://arxiv.org/abs/1910.10699
+  """
+  student_scores, teacher_scores = _crd_scores(student_embed, teacher_embed, memory, contrast_indices, temperature)
+  num_data = memory.student.shape[0]
+  num_negatives = student_scores.shape[1] - 1
+  log_noise = math.log(num_negatives / num_data)  # log(K P_n)
+  if log_normalizers is None:
+    log_normalizers = (_log_normalizer(student_scores, num_data), _log_normalizer(teacher_scores, num_data))
+
+  def nce(scores: jax.Array, log_z: jax.typing.ArrayLike) -> jax.Array:
+    log_probs = scores - jax.lax.stop_gradient(jnp.asarray(log_z, scores.dtype))  # log P_k
+    positive = log_probs[:, 0] - jnp.logaddexp(log_probs[:, 0], log_noise)
+    negatives = jnp.sum(log_noise - jnp.logaddexp(log_probs[:, 1:], log_noise), axis=-1)
+    return -(positive + negatives)
+
+  return nce(student_scores, log_normalizers[0]) + nce(teacher_scores, log_normalizers[1])
+
+
+def crd_update_memory(
+  memory: CRDMemory,
+  indices: jax.typing.ArrayLike,
+  student_embed: jax.typing.ArrayLike,
+  teacher_embed: jax.typing.ArrayLike,
+  *,
+  momentum: float = 0.5,
+  axis_name: Any = None,
+) -> CRDMemory:
+  r"""Momentum update of the rows of the batch's examples, renormalised to unit length.
+
+  .. math::
+    m_{y_i} \leftarrow \frac{\mu\, m_{y_i} + (1 - \mu)\, e_i}{\|\mu\, m_{y_i} + (1 - \mu)\, e_i\|_2}
+
+  for each side's bank and embedding (under ``stop_gradient``). Pure: returns
+  a new :class:`CRDMemory`; under ``jit`` with the state donated the update is
+  in place. With ``axis_name`` the indices and embeddings are gathered over
+  that axis first, so every device applies the same global-batch update and
+  the replicated banks stay identical. Indices should be distinct within a
+  (global) batch; for repeated indices one of the updates wins.
+
+  Args:
+    memory: the :class:`CRDMemory`.
+    indices: integer dataset indices ``[batch]``.
+    student_embed: ``[batch, embed_dim]``.
+    teacher_embed: ``[batch, embed_dim]``.
+    momentum: :math:`\mu \in [0, 1)` (0.5 in the paper).
+    axis_name: optional named axis to gather the global batch over.
+
+  Returns:
+    The updated :class:`CRDMemory`.
+
+  >>> import jax, jax.numpy as jnp
+  >>> memory = CRDMemory(jnp.zeros((3, 2)), jnp.zeros((3, 2)))
+  >>> crd_update_memory(memory, jnp.array([1]), jnp.array([[3.0, 4.0]]), jnp.array([[0.0, 2.0]])).student
+  Array([[0. , 0. ],
+         [0.6, 0.8],
+         [0. , 0. ]], dtype=float32)
+  """
+  if isinstance(momentum, numbers.Number) and not 0.0 <= momentum < 1.0:
+    raise ValueError(f"momentum must be in [0, 1), got {momentum!r}.")
+  indices = jnp.asarray(indices)
+  student_embed = jax.lax.stop_gradient(_as_float(student_embed))
+  teacher_embed = jax.lax.stop_gradient(_as_float(teacher_embed))
+  if not jnp.issubdtype(indices.dtype, jnp.integer) or indices.ndim != 1:
+    raise ValueError(f"indices must be integer dataset indices of shape [batch], got {indices.dtype} {indices.shape}.")
+  for name, embed, bank in [("student", student_embed, memory.student), ("teacher", teacher_embed, memory.teacher)]:
+    if embed.shape != (indices.shape[0], np.shape(bank)[1]):
+      raise ValueError(
+        f"{name}_embed must be [batch, embed_dim] = ({indices.shape[0]}, {np.shape(bank)[1]}), got "
+        f"{tuple(embed.shape)}."
+      )
+  if axis_name is not None:
+    indices, student_embed, teacher_embed = jax.lax.all_gather(
+      (indices, student_embed, teacher_embed), axis_name, tiled=True
+    )
+
+  def update(bank: jax.Array, embed: jax.Array) -> jax.Array:
+    bank = jnp.asarray(bank)
+    rows = momentum * bank[indices].astype(embed.dtype) + (1.0 - momentum) * embed
+    return bank.at[indices].set(_l2_normalize(rows).astype(bank.dtype))
+
+  return CRDMemory(student=update(memory.student, student_embed), teacher=update(memory.teacher, teacher_embed))
