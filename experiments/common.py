@@ -94,18 +94,24 @@ def mean_std(values: Iterable[float]) -> dict[str, float]:
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
-  """A GitHub-markdown table; floats get 4 significant decimals, mean/std dicts print as ``m ± s``."""
+  """A GitHub-markdown table; floats get 4 decimals (1 from 100 up), mean/std dicts print as ``m ± s``."""
   if not rows:
     raise ValueError("markdown_table needs at least one row")
   columns = list(columns or rows[0].keys())
 
+  def number(value: float, like: float) -> str:
+    # Decimals follow the magnitude of ``like``, so a mean and its std print alike.
+    if math.isnan(value):
+      return "nan"
+    if abs(like) >= 1e6 or (like != 0 and abs(like) < 1e-3):
+      return f"{value:.4g}"
+    return f"{value:.1f}" if abs(like) >= 100 else f"{value:.4f}"
+
   def cell(value: Any) -> str:
     if isinstance(value, Mapping) and "mean" in value:
-      return f"{cell(value['mean'])} ± {cell(value['std'])}"
+      return f"{number(value['mean'], value['mean'])} ± {number(value['std'], value['mean'])}"
     if isinstance(value, float):
-      if math.isnan(value):
-        return "nan"
-      return f"{value:.4g}" if abs(value) >= 1e4 or (value != 0 and abs(value) < 1e-3) else f"{value:.4f}"
+      return number(value, value)
     return str(value)
 
   lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]

@@ -22,6 +22,8 @@ def test_markdown_table():
   assert lines[1] == "|---|---|---|---|"
   assert lines[2] == "| teacher | 0.9123 | 877 | 0.9000 ± 0.0100 |"
   assert lines[3] == "| student | 0.5000 | 12 |  |"
+  wide = common.markdown_table([{"errors": {"mean": 1089.0, "std": 6.557}, "flops": 8.699e6, "tiny": 2.5e-5}])
+  assert wide.split("\n")[2] == "| 1089.0 ± 6.6 | 8.699e+06 | 2.5e-05 |"
   with pytest.raises(ValueError, match="at least one row"):
     common.markdown_table([])
 
