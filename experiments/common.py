@@ -315,6 +315,7 @@ def train_subrun(
   config: Any = None,
   meta: Mapping[str, Any] | None = None,
   checkpoint_every: int = 500,
+  method: Any = None,
 ) -> dict[str, Any]:
   """Trains one model (teacher, scratch student or distilled student) in ``workdir/name``; resumable.
 
@@ -322,7 +323,11 @@ def train_subrun(
   experiment is rerun; an unfinished one resumes from its last checkpoint. The
   student learns online from ``teacher_apply_fn`` (on the same augmented batch), or
   offline from ``teacher_logits`` (rows aligned with ``train_set``), or from labels
-  alone when neither is given.
+  alone when neither is given. With a :class:`jaxkd.methods.Method` as ``method`` it
+  learns online from ``teacher_apply_fn`` by that method's loss terms (``loss_fn``,
+  ``alpha`` unused; batches carry ``'index'``, whose largest value sets the number of
+  rows of per-example term state such as CRD's memory bank); ``params`` then counts
+  the student alone, without its adapters.
 
   Returns:
     ``result.json``'s content: ``{split}_accuracy`` and ``{split}_errors`` per eval set,
@@ -351,6 +356,7 @@ def train_subrun(
       max_translation=max_translation,
       teacher_logits=teacher_logits,
       layout=data_layout(parallel),
+      include_index=method is not None,
     )
     if data_state:
       iterator.set_state(data_state)
@@ -361,10 +367,27 @@ def train_subrun(
   schedule = optax.cosine_decay_schedule(learning_rate, num_steps)
   tx = optax.adamw(schedule, weight_decay=weight_decay) if weight_decay else optax.adam(schedule)
   example = np.zeros((1, *train_set.images.shape[1:]), np.float32)
-  state = train_lib.create_train_state(model, tx, example, rng=seed)
-  train_step = train_lib.make_train_step(
-    teacher_apply_fn=teacher_apply_fn, loss_fn=loss_fn, temperature=temperature, alpha=alpha, parallel=parallel
-  )
+  if method is None:
+    state = train_lib.create_train_state(model, tx, example, rng=seed)
+    train_step = train_lib.make_train_step(
+      teacher_apply_fn=teacher_apply_fn, loss_fn=loss_fn, temperature=temperature, alpha=alpha, parallel=parallel
+    )
+  else:
+    from jaxkd import methods as methods_lib
+
+    state = methods_lib.create_method_state(
+      method,
+      model,
+      tx,
+      example,
+      teacher_apply_fn=teacher_apply_fn,
+      teacher_variables=teacher_variables,
+      rng=seed,
+      num_data=int(np.max(train_set.indices)) + 1,
+    )
+    train_step = methods_lib.make_method_train_step(
+      method, teacher_apply_fn=teacher_apply_fn, temperature=temperature, parallel=parallel
+    )
   start = time.perf_counter()
   result = trainer.fit(
     state,
@@ -391,7 +414,10 @@ def train_subrun(
     out[f"{split}_errors"] = int(round((1.0 - metrics["accuracy"]) * metrics["count"]))
   from jaxkd.models import count_params
 
-  out["params"] = count_params(result.state.params)
+  if method is None:
+    out["params"] = count_params(result.state.params)
+  else:
+    out["params"] = count_params(methods_lib.student_variables(result.state)["params"])
   write_json(result_path, out)
   return out
 

@@ -1,0 +1,316 @@
+"""Input pipeline and whole epochs on Fashion-MNIST: does the data feed keep the train step busy?
+
+Measured, the compared variants in alternation (see :mod:`benchmarks.common`):
+
+* ``pipeline``: examples/s of the input pipeline alone, one training epoch of
+  :class:`jaxkd.data.BatchIterator` + :class:`jaxkd.data.DevicePrefetcher` (batches placed on the devices and
+  waited for, no step), with cached teacher logits in the batch and without.
+* per student MLP (784-100-10 and 784-800-800-10 by default), against a teacher MLP 784-1200-1200-10:
+
+  - ``step``: the pure step rate of the offline (cached-logit) distillation step on one batch held on device,
+    scaled to an epoch: ``steps_per_epoch * seconds_per_step``;
+  - ``epoch_cached``: a full epoch end to end, pipeline + offline step (cached teacher logits in the batch);
+  - ``epoch_online``: a full epoch end to end, pipeline + online step (the teacher runs inside the step).
+
+  ``epoch_cached / step`` is what the pipeline costs on top of the step (target <= 1.10); ``epoch_online /
+  epoch_cached`` is what running the teacher in every step costs against reading cached logits.
+
+The teacher is randomly initialised (speed does not depend on its weights). Building the logit cache
+(:func:`jaxkd.logit_cache.cached_teacher_logits`, one teacher pass over the split) is timed once and reported.
+
+Run (about 2 minutes on 2 CPU cores; reads the prepared Fashion-MNIST)::
+
+  python -m benchmarks.pipeline
+  python -m benchmarks.pipeline --batch_size 256 --parallel single
+  python -m benchmarks.pipeline --gpu --dtype bfloat16
+
+Writes ``<out>/pipeline.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+
+from benchmarks import common
+from jaxkd.data import BatchIterator, DevicePrefetcher
+from jaxkd.datasets import NORMALIZATION, ArrayDataset, load
+from jaxkd.logit_cache import cached_teacher_logits
+from jaxkd.models import MLP
+from jaxkd.train import create_train_state, make_train_step, replicate
+
+TEMPERATURE = 4.0
+ALPHA = 0.9
+
+SETTINGS = {
+  "cpu": {"students": ((100,), (800, 800)), "teacher": (1200, 1200), "batch_size": 128, "rounds": 3},
+  "gpu": {"students": ((100,), (800, 800)), "teacher": (1200, 1200), "batch_size": 512, "rounds": 5},
+  "quick": {"students": ((8,),), "teacher": (16,), "batch_size": 32, "rounds": 2, "num_examples": 256},
+}
+
+
+def _synthetic(num_examples: int) -> ArrayDataset:
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, size=(num_examples, 28, 28, 1), dtype=np.uint8)
+  return ArrayDataset(images, rng.integers(0, 10, size=num_examples), num_classes=10, name="synthetic", split="train")
+
+
+def _describe(hidden: Sequence[int]) -> str:
+  return f"784-{'-'.join(map(str, hidden))}-10"
+
+
+class _Epochs:
+  """Builds the iterators of one configuration; every call starts a fresh one-epoch pipeline, as a user loop does."""
+
+  def __init__(self, data: ArrayDataset, *, batch_size: int, layout: str, mean, std, teacher_logits=None):
+    self.kwargs = dict(
+      batch_size=batch_size, train=True, num_epochs=1, mean=mean, std=std, layout=layout, teacher_logits=teacher_logits
+    )
+    self.data = data
+    self.epoch = 0
+
+  def __call__(self) -> DevicePrefetcher:
+    self.epoch += 1
+    return DevicePrefetcher(BatchIterator(self.data, seed=self.epoch, **self.kwargs), size=2)
+
+  @property
+  def steps_per_epoch(self) -> int:
+    return BatchIterator(self.data, **self.kwargs).steps_per_epoch
+
+
+def _time_student(
+  student: MLP,
+  put,
+  parallel: str,
+  cached_epochs: _Epochs,
+  plain_epochs: _Epochs,
+  online: tuple[Any, Any],
+  rounds: int,
+  block_s: float,
+  log: bool,
+) -> common.Timings:
+  """Pure offline step on a held batch, offline epoch and online epoch, in alternation, for one student."""
+  offline_step = make_train_step(temperature=TEMPERATURE, alpha=ALPHA, parallel=parallel)
+  online_step, online_teacher = online
+  tx = optax.adam(1e-3)
+  example = cached_epochs.data.images[:1].astype(np.float32)
+  states = {name: put(create_train_state(student, tx, example, rng=0)) for name in ("step", "cached", "online")}
+  with cached_epochs() as batches:
+    held = next(batches)  # one batch on device, reused by the pure step
+  with plain_epochs() as batches:
+    held_plain = next(batches)
+  # Compile both steps outside the timed epochs.
+  states["step"], _ = offline_step(states["step"], None, held)
+  states["cached"], _ = offline_step(states["cached"], None, held)
+  states["online"], _ = online_step(states["online"], online_teacher, held_plain)
+  jax.block_until_ready(states)
+
+  def run_steps(n: int) -> None:
+    state = states["step"]
+    for _ in range(n):
+      state, _ = offline_step(state, None, held)
+    states["step"] = jax.block_until_ready(state)
+
+  def epoch_variant(name: str, epochs: _Epochs, step, teacher_variables) -> common.Variant:
+    def run_epochs(n: int) -> None:
+      state = states[name]
+      for _ in range(n):
+        with epochs() as batches:
+          for batch in batches:
+            state, _ = step(state, teacher_variables, batch)
+      states[name] = jax.block_until_ready(state)
+
+    return common.Variant(f"epoch_{name}", run_epochs, warmup=0, units_per_block=1)
+
+  variants = [
+    common.Variant("step", run_steps, warmup=1),
+    epoch_variant("cached", cached_epochs, offline_step, None),
+    epoch_variant("online", plain_epochs, online_step, online_teacher),
+  ]
+  return common.interleave(variants, rounds=rounds, block_s=block_s, log=log)
+
+
+def run(
+  *,
+  setting: str = "cpu",
+  students: Sequence[Sequence[int]] | None = None,
+  batch_size: int | None = None,
+  parallel: str = "pmap",
+  dtype: str = "float32",
+  rounds: int | None = None,
+  dataset: str = "fashion_mnist",
+  out_dir: str | None = None,
+  log: bool = False,
+) -> dict[str, Any]:
+  """Runs the pipeline benchmark, prints its tables and writes ``pipeline.json``.
+
+  Args:
+    setting: ``'cpu'``, ``'gpu'`` or ``'quick'`` (synthetic data, tiny models: the smoke test).
+    students: hidden sizes of each student MLP.
+    batch_size: global batch size.
+    parallel: the step's ``parallel`` (``'pmap'`` or ``'single'``); the iterator's layout follows.
+    dtype: the students' and teacher's computation dtype.
+    rounds: alternation rounds.
+    dataset: ``'fashion_mnist'`` (or ``'mnist'``), the training split; ``'synthetic'`` for random images.
+    out_dir: where the JSON goes.
+    log: print every round's times.
+  """
+  config = SETTINGS[setting]
+  block_s = 0.01 if setting == "quick" else 1.0
+  students = tuple(tuple(s) for s in (students or config["students"]))
+  batch_size = batch_size or config["batch_size"]
+  rounds = rounds or config["rounds"]
+  compute_dtype = common.dtype_of(dtype)
+  if parallel not in ("pmap", "single"):
+    raise ValueError(f"parallel must be 'pmap' or 'single', got {parallel!r}.")
+  layout = "pmap" if parallel == "pmap" else "flat"
+  if setting == "quick" or dataset == "synthetic":
+    data = _synthetic(config.get("num_examples", 60_000))
+    mean, std = NORMALIZATION["fashion_mnist"]
+  else:
+    start = time.perf_counter()
+    data = load(dataset, "train")
+    print(f"loaded {data!r} in {time.perf_counter() - start:.1f} s", flush=True)
+    mean, std = NORMALIZATION[dataset]
+
+  teacher = MLP(config["teacher"], dtype=compute_dtype)
+  teacher_variables = common.host_variables(teacher, np.zeros((1, *data.images.shape[1:]), np.float32), seed=1)
+  with tempfile.TemporaryDirectory() as cache_dir:
+    start = time.perf_counter()
+    logits = cached_teacher_logits(
+      functools.partial(teacher.apply, train=False), teacher_variables, data, cache_dir=cache_dir, mean=mean, std=std
+    )
+    cache_build_s = time.perf_counter() - start
+  print(
+    f"pipeline: {data.name} ({len(data)} examples), batch {batch_size}, parallel={parallel}, teacher "
+    f"{_describe(config['teacher'])}, {dtype}, {jax.local_device_count()} local device(s), {common.cpu_cores()} "
+    f"cores, {rounds} rounds; logit cache built in {cache_build_s:.1f} s",
+    flush=True,
+  )
+
+  cached_epochs = _Epochs(data, batch_size=batch_size, layout=layout, mean=mean, std=std, teacher_logits=logits)
+  plain_epochs = _Epochs(data, batch_size=batch_size, layout=layout, mean=mean, std=std)
+  steps_per_epoch = cached_epochs.steps_per_epoch
+  examples_per_epoch = steps_per_epoch * batch_size
+
+  # (a) The pipeline alone.
+  def pipeline_variant(name: str, epochs: _Epochs) -> common.Variant:
+    def run_epochs(n: int) -> None:
+      for _ in range(n):
+        with epochs() as batches:
+          for batch in batches:
+            jax.block_until_ready(batch)
+
+    return common.Variant(name, run_epochs, warmup=0, units_per_block=1)
+
+  timings = common.interleave(
+    [pipeline_variant("pipeline_cached", cached_epochs), pipeline_variant("pipeline_plain", plain_epochs)],
+    rounds=rounds,
+    log=log,
+  )
+  pipeline_rows = [
+    {
+      "batches": {"pipeline_cached": "with teacher_logits", "pipeline_plain": "images only"}[name],
+      "examples_s": examples_per_epoch / statistics.median(timings.wall[name]),
+      "epoch_s": statistics.median(timings.wall[name]),
+      "epoch_cpu_s": statistics.median(timings.cpu[name]),
+    }
+    for name in timings.wall
+  ]
+  pipeline_table = common.print_table(
+    f"pipeline alone: BatchIterator + DevicePrefetcher, {data.name}, batch {batch_size}, layout {layout}",
+    pipeline_rows,
+    ["batches", "examples_s", "epoch_s", "epoch_cpu_s"],
+  )
+
+  # (b), (c) and online vs cached, per student.
+  put = replicate if parallel == "pmap" else jax.device_put
+  online_step = make_train_step(teacher_apply_fn=teacher.apply, temperature=TEMPERATURE, alpha=ALPHA, parallel=parallel)
+  online = (online_step, put(teacher_variables))
+  rows = []
+  for hidden in students:
+    student = MLP(hidden, dtype=compute_dtype)
+    timings = _time_student(student, put, parallel, cached_epochs, plain_epochs, online, rounds, block_s, log)
+    step_epoch = [s * steps_per_epoch for s in timings.wall["step"]]
+    rows.append(
+      {
+        "student": _describe(hidden),
+        "steps_per_epoch": steps_per_epoch,
+        "step_rate_steps_s": 1.0 / statistics.median(timings.wall["step"]),
+        "step_only_epoch_s": statistics.median(step_epoch),
+        "epoch_cached_s": statistics.median(timings.wall["epoch_cached"]),
+        "epoch_online_s": statistics.median(timings.wall["epoch_online"]),
+        "cached_epoch_over_step": common.median_ratio(timings.wall["epoch_cached"], step_epoch),
+        "online_over_cached": common.median_ratio(timings.wall["epoch_online"], timings.wall["epoch_cached"]),
+        "cached_epoch_over_step_cpu": common.median_ratio(
+          timings.cpu["epoch_cached"], [s * steps_per_epoch for s in timings.cpu["step"]]
+        ),
+        "online_over_cached_cpu": common.median_ratio(timings.cpu["epoch_online"], timings.cpu["epoch_cached"]),
+        "seconds_rounds": {"wall": timings.wall, "cpu": timings.cpu},
+      }
+    )
+  columns = ["student", "step_rate_steps_s", "step_only_epoch_s", "epoch_cached_s", "cached_epoch_over_step"]
+  columns += ["cached_epoch_over_step_cpu", "epoch_online_s", "online_over_cached", "online_over_cached_cpu"]
+  table = common.print_table(
+    f"epochs on {data.name}, batch {batch_size}, parallel={parallel} (target cached_epoch_over_step <= 1.10; "
+    f"_cpu: by process CPU time)",
+    rows,
+    columns,
+  )
+  results = {
+    "benchmark": "pipeline",
+    "dataset": data.name,
+    "num_examples": len(data),
+    "batch_size": batch_size,
+    "parallel": parallel,
+    "dtype": dtype,
+    "teacher": _describe(config["teacher"]),
+    "temperature": TEMPERATURE,
+    "alpha": ALPHA,
+    "rounds": rounds,
+    "logit_cache_build_s": cache_build_s,
+    "pipeline_rows": pipeline_rows,
+    "pipeline_table": pipeline_table,
+    "rows": rows,
+    "table": table,
+    "environment": common.environment(),
+  }
+  common.write_results(out_dir, "pipeline", results)
+  return results
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--batch_size", type=int, default=None)
+  parser.add_argument("--parallel", default="pmap", choices=("pmap", "single"))
+  parser.add_argument("--dataset", default="fashion_mnist", choices=("fashion_mnist", "mnist", "synthetic"))
+  parser.add_argument("--gpu", action="store_true", help="GPU settings (batch 512)")
+  parser.add_argument("--quick", action="store_true", help="synthetic data and tiny models, for the smoke test")
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  parser.add_argument("--rounds", type=int, default=None)
+  parser.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
+  parser.add_argument("--log", action="store_true", help="print every round's times")
+  args = parser.parse_args(argv)
+  run(
+    setting="quick" if args.quick else "gpu" if args.gpu else "cpu",
+    batch_size=args.batch_size,
+    parallel=args.parallel,
+    dtype=args.dtype,
+    rounds=args.rounds,
+    dataset=args.dataset,
+    out_dir=args.out,
+    log=args.log,
+  )
+
+
+if __name__ == "__main__":
+  main()
