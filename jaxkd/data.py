@@ -144,10 +144,20 @@ def normalize(
   std = _channel_stats(std, channels, "std")
   if np.any(std <= 0):
     raise ValueError(f"std must be > 0, got {std.tolist()}.")
-  out = images.astype(np.float32)
-  out *= 1.0 / (255.0 * std)
+  # 64-byte aligned output: on the CPU backend jax.device_put aliases an aligned host buffer instead of copying
+  # it (NumPy aligns to 16 only), which measured 80-200 us less per 400 KB batch (benchmarks/README.md).
+  out = _aligned_empty(images.shape, np.float32)
+  np.multiply(images, np.float32(1.0) / (np.float32(255.0) * std), out=out, dtype=np.float32)
   out -= mean / std
   return out
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype: Any, alignment: int = 64) -> np.ndarray:
+  dtype = np.dtype(dtype)
+  size = int(np.prod(shape)) * dtype.itemsize
+  raw = np.empty(size + alignment, np.uint8)
+  offset = -raw.ctypes.data % alignment
+  return raw[offset : offset + size].view(dtype).reshape(shape)
 
 
 def translate(images: np.ndarray, shifts: np.ndarray) -> np.ndarray:
