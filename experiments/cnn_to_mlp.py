@@ -8,7 +8,7 @@ seeds. It reports, per model, test accuracy, parameters, FLOPs per example and
 measured CPU inference latency at batch 1 and 256, and the fraction of the
 scratch-to-teacher error gap that distillation closes.
 
-Reproduce the full run (about 15 minutes on 2 CPU cores):
+Reproduce the full run (37 minutes measured on 2 CPU cores shared with other jobs; 2026-11-29):
 
   python -m experiments.cnn_to_mlp --workdir workdir/cnn_to_mlp
 
