@@ -171,8 +171,8 @@ def plot_bars(
   fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(names)), 4))
   yerr = [errors.get(n, 0.0) for n in names] if errors else None
   ax.bar(names, [values[n] for n in names], yerr=yerr, capsize=3)
-  for name, y in (hlines or {}).items():
-    ax.axhline(y, linestyle="--", linewidth=1, label=name)
+  for i, (name, y) in enumerate((hlines or {}).items()):
+    ax.axhline(y, linestyle="--", linewidth=1, label=name, color=f"C{i + 1}")  # C0 is the bars' colour
   lo = min(list(values.values()) + list((hlines or {}).values()))
   hi = max(list(values.values()) + list((hlines or {}).values()))
   ax.set_ylim(lo - 0.1 * (hi - lo + 1e-3), hi + 0.1 * (hi - lo + 1e-3))

@@ -1,6 +1,6 @@
 """jaxkd: knowledge distillation in JAX and Flax."""
 
-from jaxkd import distributed, features, relations
+from jaxkd import distributed, features, methods, relations
 from jaxkd.losses import (
   dist_loss,
   distillation_loss,
@@ -40,6 +40,7 @@ __all__ = [
   "kd_loss",
   "make_eval_step",
   "make_train_step",
+  "methods",
   "relations",
   "reverse_kl_loss",
   "soft_cross_entropy",
