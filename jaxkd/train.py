@@ -415,7 +415,20 @@ def _masked_sum(values: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.sum(jnp.where(mask, values.astype(jnp.float32), 0.0))
 
 
+def _psum(tree: PyTree, axis_name: str) -> PyTree:
+  """``lax.psum``, skipped on a one-device axis where the sum is the value itself.
+
+  XLA keeps a one-participant all-reduce: it copied every gradient buffer through the collective each step
+  (pmap on one device ran about 10% slower than the single-device step, benchmarks/README.md).
+  """
+  if jax.lax.axis_size(axis_name) == 1:
+    return tree
+  return jax.lax.psum(tree, axis_name)
+
+
 def _inexact_pmean(tree: PyTree, axis_name: str) -> PyTree:
+  if jax.lax.axis_size(axis_name) == 1:
+    return tree
   return jax.tree.map(lambda x: jax.lax.pmean(x, axis_name) if jnp.issubdtype(x.dtype, jnp.inexact) else x, tree)
 
 
@@ -434,7 +447,7 @@ def _train_body(
   mask = _mask(batch)
   # Normalising by the global count of real examples makes the psum'd gradient the gradient of the
   # global mean: a pmean of per-device means when every device holds the same number of examples.
-  global_count = jax.lax.psum(jnp.sum(mask, dtype=jnp.float32), axis)
+  global_count = _psum(jnp.sum(mask, dtype=jnp.float32), axis)
   if cfg.objective is None:
     teacher_logits = _teacher_logits(cfg, teacher_variables, batch, images)
 
@@ -464,8 +477,8 @@ def _train_body(
     teacher_logits = aux.get("teacher_logits")
     new_batch_stats = aux["batch_stats"]  # already reduced over the axis by the objective
     extra_sums = dict(aux.get("metrics", {}))
-  grads = jax.lax.psum(grads, axis)
-  loss = jax.lax.psum(local_loss, axis)
+  grads = _psum(grads, axis)
+  loss = _psum(local_loss, axis)
   grad_norm = optax.tree.norm(grads)
 
   # Every device sees the same psum'd loss and gradients, so all take the same decision.
@@ -489,8 +502,8 @@ def _train_body(
     sums["kd_loss"] = _masked_sum(kd_loss(logits, teacher_logits, cfg.temperature), mask)
     sums["teacher_accuracy"] = _masked_sum(teacher_predictions == labels, mask)
     sums["agreement"] = _masked_sum(predictions == teacher_predictions, mask)
-  metrics = jax.tree.map(lambda s: s / global_count, jax.lax.psum(sums, axis))
-  metrics.update(jax.lax.psum(extra_sums, axis))
+  metrics = jax.tree.map(lambda s: s / global_count, _psum(sums, axis))
+  metrics.update(_psum(extra_sums, axis))
   metrics["loss"] = loss
   metrics["grad_norm"] = grad_norm
   metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
@@ -520,7 +533,7 @@ def _eval_body(
     sums["teacher_correct"] = jnp.sum(mask & (teacher_predictions == labels), dtype=jnp.int32)
     sums["agreement"] = jnp.sum(mask & (predictions == teacher_predictions), dtype=jnp.int32)
     sums["kd_loss_sum"] = _masked_sum(kd_loss(logits, teacher_logits, cfg.temperature), mask)
-  return jax.lax.psum(sums, cfg.axis_name)
+  return _psum(sums, cfg.axis_name)
 
 
 def summarize_eval(sums: Mapping[str, jax.typing.ArrayLike]) -> dict[str, float]:

@@ -286,6 +286,20 @@ def test_compiles_once(parallel):
   assert int(np.asarray(_host(parallel, state.step))) == 3
 
 
+def test_one_device_axis_has_no_all_reduce():
+  # A one-participant all-reduce is kept by XLA and copied every gradient buffer each step; on a one-device axis
+  # the sum is the value itself, so the step must not emit the collective (benchmarks/README.md).
+  def body(x):
+    return train._psum(x, "batch"), train._inexact_pmean(x, "batch")
+
+  one = jax.pmap(body, axis_name="batch", devices=jax.local_devices()[:1])
+  hlo_one = one.lower(jnp.ones((1, 8))).as_text()
+  hlo_all = jax.pmap(body, axis_name="batch").lower(jnp.ones((jax.local_device_count(), 8))).as_text()
+  assert "all_reduce" not in hlo_one and "all-reduce" not in hlo_one
+  assert "all_reduce" in hlo_all or "all-reduce" in hlo_all
+  np.testing.assert_array_equal(one(jnp.arange(8.0)[None])[0], jnp.arange(8.0)[None])
+
+
 def test_nonfinite_loss_skips_the_update():
   teacher, teacher_variables = _teacher()
   step = train.make_train_step(teacher_apply_fn=teacher.apply, parallel="pmap")
