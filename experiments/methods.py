@@ -14,10 +14,12 @@ The Fashion-MNIST pair: teacher ``CNN(features=(32, 64), dense_size=256)``, stud
 ReLU'd dense layer (``Dense_0``: RKD, PKT, CC, CRD). The channel counts differ, so FSP maps the student's layers to
 the teacher's widths with trained 1x1 connectors (not in the paper).
 
-Reproduce the full run (about 2.5 hours on 2 CPU cores, of which CRD with its 16384 negatives takes 80 minutes and
-most methods 2 to 4 minutes each):
+Reproduce the full run (measured on 2 CPU cores: 87 minutes with CRD at 4096 negatives, of which the teacher took
+16 minutes, CRD 30, VID 10 and most methods about 2 each; the README's table comes from this command). With the
+paper's 16384 negatives (the default, drop the flag) CRD alone takes about 80 minutes by estimate, since every step
+gathers 64 x 16384 rows of each memory bank:
 
-  python -m experiments.methods --workdir workdir/methods
+  python -m experiments.methods --workdir workdir/methods --config.crd_negatives=4096
 
 The quick variant (3.5 minutes measured on 2 CPU cores: 10000 training and 2000 test examples, a 2-epoch teacher
 and 2-epoch students, 1024 CRD negatives; a smoke test of the pipeline, whose differences between methods are
