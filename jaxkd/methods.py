@@ -1083,6 +1083,32 @@ def similarity_preserving(
   return LossTerm(name, fn, weight, student_layers, teacher_layers, scope=scope)
 
 
+def _relation_term(
+  name: str,
+  loss: Callable[..., jax.Array],
+  student_layer: str,
+  teacher_layer: str,
+  *,
+  weight: Weight,
+  scope: Scope,
+  feature_fn: FeatureFn | None,
+  **loss_kwargs: Any,
+) -> LossTerm:
+  """A batch-defined term on one student and one teacher layer: ``loss(student, teacher, where=, axis_name=)``."""
+  _check_scope(scope)
+
+  def fn(inputs: TermInputs) -> jax.Array:
+    return loss(
+      _feature(inputs.student_features, student_layer, feature_fn),
+      _feature(inputs.teacher_features, teacher_layer, feature_fn),
+      where=inputs.mask,
+      axis_name=inputs.batch_axis,
+      **loss_kwargs,
+    )
+
+  return LossTerm(name, fn, weight, (student_layer,), (teacher_layer,), scope=scope)
+
+
 def rkd(
   student_layer: str,
   teacher_layer: str,
@@ -1095,19 +1121,17 @@ def rkd(
   name: str = "rkd",
 ) -> LossTerm:
   """Relational KD (distance 25, angle 50), one scalar per batch (:func:`jaxkd.relations.rkd_loss`); CE at 1."""
-  _check_scope(scope)
-
-  def fn(inputs: TermInputs) -> jax.Array:
-    return relations.rkd_loss(
-      _feature(inputs.student_features, student_layer, feature_fn),
-      _feature(inputs.teacher_features, teacher_layer, feature_fn),
-      distance_weight=distance_weight,
-      angle_weight=angle_weight,
-      where=inputs.mask,
-      axis_name=inputs.batch_axis,
-    )
-
-  return LossTerm(name, fn, weight, (student_layer,), (teacher_layer,), scope=scope)
+  return _relation_term(
+    name,
+    relations.rkd_loss,
+    student_layer,
+    teacher_layer,
+    weight=weight,
+    scope=scope,
+    feature_fn=feature_fn,
+    distance_weight=distance_weight,
+    angle_weight=angle_weight,
+  )
 
 
 def pkt(
@@ -1124,17 +1148,9 @@ def pkt(
   RepDistiller's weight 30000 multiplies a double sum divided by :math:`b^2` with :math:`b = 64`; this loss is
   the paper's per-anchor mean, so the same strength is about ``30000 / batch_size`` (the default, for 64).
   """
-  _check_scope(scope)
-
-  def fn(inputs: TermInputs) -> jax.Array:
-    return relations.pkt_loss(
-      _feature(inputs.student_features, student_layer, feature_fn),
-      _feature(inputs.teacher_features, teacher_layer, feature_fn),
-      where=inputs.mask,
-      axis_name=inputs.batch_axis,
-    )
-
-  return LossTerm(name, fn, weight, (student_layer,), (teacher_layer,), scope=scope)
+  return _relation_term(
+    name, relations.pkt_loss, student_layer, teacher_layer, weight=weight, scope=scope, feature_fn=feature_fn
+  )
 
 
 def cc(
@@ -1154,19 +1170,17 @@ def cc(
   The catalogue gives no weight for this kernel form (RepDistiller's 0.02 is for a different loss); the default 1
   is unvalidated.
   """
-  _check_scope(scope)
-
-  def fn(inputs: TermInputs) -> jax.Array:
-    return relations.cc_loss(
-      _feature(inputs.student_features, student_layer, feature_fn),
-      _feature(inputs.teacher_features, teacher_layer, feature_fn),
-      gamma=gamma,
-      taylor_order=taylor_order,
-      where=inputs.mask,
-      axis_name=inputs.batch_axis,
-    )
-
-  return LossTerm(name, fn, weight, (student_layer,), (teacher_layer,), scope=scope)
+  return _relation_term(
+    name,
+    relations.cc_loss,
+    student_layer,
+    teacher_layer,
+    weight=weight,
+    scope=scope,
+    feature_fn=feature_fn,
+    gamma=gamma,
+    taylor_order=taylor_order,
+  )
 
 
 def crd(
