@@ -29,35 +29,20 @@ import pathlib
 import ml_collections
 import numpy as np
 
-from experiments import common
+from experiments import common, hinton2015
 
 PAPER = {"errors": 206, "errors_on_class": 133, "shift": 3.5, "errors_after": 109, "errors_on_class_after": 14}
 
 
 def get_config() -> ml_collections.ConfigDict:
+  # The paper's MNIST teacher and student, as in hinton2015 (one definition, so the two experiments stay the same).
+  base = hinton2015.get_config()
   config = ml_collections.ConfigDict()
-  config.dataset = "fashion_mnist"
-  config.data_dir = ""
-  config.source_dir = ""
-  config.validation_size = 5000
-  config.train_subset = 0
-  config.test_subset = 0
-  config.batch_size = 128
-  config.parallel = "pmap"
+  data = ("dataset", "data_dir", "source_dir", "validation_size", "train_subset", "test_subset", "batch_size")
+  for key in base.keys():
+    if key in (*data, "parallel", "temperature", "alpha") or key.startswith(("teacher_", "student_")):
+      config[key] = base[key]
   config.omitted_class = 3
-
-  config.teacher_hidden = (1200, 1200)
-  config.teacher_dropout = 0.5
-  config.teacher_input_dropout = 0.2
-  config.teacher_jitter = 2
-  config.teacher_epochs = 20.0
-  config.teacher_lr = 1e-3
-
-  config.student_hidden = (800, 800)
-  config.student_epochs = 20.0
-  config.student_lr = 1e-3
-  config.temperature = 20.0
-  config.alpha = 0.9
   config.max_shift = 10.0
   config.shift_step = 0.25
   config.seed = 0
