@@ -6,6 +6,8 @@ For each batch size, in alternation (see :mod:`benchmarks.common`):
   teacher_variables, batch)``, host-side input checks included; state and teacher :func:`~jaxkd.train.replicate`'d,
   the batch already placed on the devices as :class:`jaxkd.data.DevicePrefetcher` places it.
 * ``jaxkd_single``: the same with ``parallel='single'`` (one device, flat batch).
+* ``jaxkd_noskip``: ``jaxkd_single`` built with ``skip_nonfinite=False``: no gradient norm and no skipped update
+  on a non-finite step, the work the hand-written step does.
 * ``hand``: the same work written by hand: teacher forward under ``stop_gradient``, student forward and
   backward, ``alpha * T^2 KL + (1 - alpha) CE``, ``optax.adam``, one ``jax.jit`` with the state donated.
 * ``torch`` (MLP pair only, when torch is installed): the same step in PyTorch eager, loss written as
@@ -54,6 +56,8 @@ from jaxkd.train import create_train_state, make_train_step, replicate, split_fo
 TEMPERATURE = 4.0
 ALPHA = 0.9
 LEARNING_RATE = 1e-3
+# (column name, parallel, skip_nonfinite) of the jaxkd steps timed against the hand-written one.
+JAXKD_VARIANTS = (("jaxkd_pmap", "pmap", True), ("jaxkd_single", "single", True), ("jaxkd_noskip", "single", False))
 NUM_CLASSES = 10
 
 # batch sizes and matmul size per setting; --sizes / --matmul_size override them.
@@ -212,8 +216,14 @@ def build_variants(
   host_us: dict[str, list[float]] = {}
   variants = []
 
-  for parallel in ("pmap", "single"):
-    step = make_train_step(teacher_apply_fn=teacher.apply, temperature=TEMPERATURE, alpha=ALPHA, parallel=parallel)
+  for name, parallel, skip_nonfinite in JAXKD_VARIANTS:
+    step = make_train_step(
+      teacher_apply_fn=teacher.apply,
+      temperature=TEMPERATURE,
+      alpha=ALPHA,
+      parallel=parallel,
+      skip_nonfinite=skip_nonfinite,
+    )
     state = create_train_state(student, tx, images[:1], rng=0)
     if parallel == "pmap":
       state, t_vars = replicate(state), replicate(teacher_variables)
@@ -221,9 +231,9 @@ def build_variants(
     else:
       t_vars, batch = jax.device_put(teacher_variables), jax.device_put(flat_batch)
     state, metrics = step(state, t_vars, batch)
-    first_loss[f"jaxkd_{parallel}"] = float(np.mean(metrics["loss"]))
+    first_loss[name] = float(np.mean(metrics["loss"]))
     holder = {"state": state}
-    host = host_us.setdefault(f"jaxkd_{parallel}", [])
+    host = host_us.setdefault(name, [])
 
     def run(n: int, step=step, t_vars=t_vars, batch=batch, holder=holder, host=host) -> None:
       start = time.thread_time()
@@ -233,7 +243,7 @@ def build_variants(
       host.append((time.thread_time() - start) / n * 1e6)
       holder["state"] = jax.block_until_ready(state)
 
-    variants.append(common.Variant(f"jaxkd_{parallel}", run))
+    variants.append(common.Variant(name, run))
 
   hand_step = make_hand_step(teacher, student, tx)
   init_state = create_train_state(student, tx, images[:1], rng=0)  # same parameters as the jaxkd states
@@ -337,7 +347,7 @@ def run(
         )
       if variant.name in host_us:
         row[f"{variant.name}_host_us"] = statistics.median(host_us[variant.name])
-    for name in ("jaxkd_pmap", "jaxkd_single"):
+    for name, _, _ in JAXKD_VARIANTS:
       row[f"{name}_vs_hand"] = common.median_ratio(times["hand"], times[name])
       row[f"{name}_vs_hand_cpu"] = common.median_ratio(timings.cpu["hand"], timings.cpu[name])
       if "torch" in times:
@@ -348,8 +358,9 @@ def run(
     row["seconds_per_step_rounds"] = {"wall": timings.wall, "cpu": timings.cpu}
     rows.append(row)
 
-  columns = ["batch", "jaxkd_pmap_steps_s", "jaxkd_single_steps_s", "hand_steps_s"]
-  columns += ["jaxkd_pmap_vs_hand", "jaxkd_single_vs_hand", "jaxkd_pmap_vs_hand_cpu", "jaxkd_single_vs_hand_cpu"]
+  columns = ["batch", "jaxkd_pmap_steps_s", "jaxkd_single_steps_s", "jaxkd_noskip_steps_s", "hand_steps_s"]
+  columns += ["jaxkd_pmap_vs_hand", "jaxkd_single_vs_hand", "jaxkd_noskip_vs_hand"]
+  columns += ["jaxkd_pmap_vs_hand_cpu", "jaxkd_single_vs_hand_cpu", "jaxkd_noskip_vs_hand_cpu"]
   if torch is not None:
     columns += ["torch_steps_s", "jaxkd_pmap_vs_torch", "jaxkd_single_vs_torch", "jaxkd_pmap_vs_torch_cpu"]
   columns += ["matmul_gflops", "jaxkd_pmap_fraction_of_matmul", "hand_fraction_of_matmul"]

@@ -360,6 +360,7 @@ class _Config:
   axis_name: str
   compute_dtype: Any
   objective: Objective | None = None
+  skip_nonfinite: bool = True
 
 
 def _cast_floating(tree: PyTree, dtype: Any) -> PyTree:
@@ -479,18 +480,24 @@ def _train_body(
     extra_sums = dict(aux.get("metrics", {}))
   grads = _psum(grads, axis)
   loss = _psum(local_loss, axis)
-  grad_norm = optax.tree.norm(grads)
-
-  # Every device sees the same psum'd loss and gradients, so all take the same decision.
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  # lax.cond rather than jnp.where: a select keeps the old params and optimizer state alive beside the new
-  # ones, so XLA copied them every step (benchmarks/README.md); the conditional updates donated buffers in place.
-  new_state = jax.lax.cond(
-    finite,
-    lambda s: s.apply_gradients(grads=grads, batch_stats=new_batch_stats),
-    lambda s: s.replace(step=s.step + 1),
-    state,
-  )
+  if cfg.skip_nonfinite:
+    grad_norm = optax.tree.norm(grads)
+    # Every device sees the same psum'd loss and gradients, so all take the same decision.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # lax.cond rather than jnp.where: a select keeps the old params and optimizer state alive beside the new
+    # ones, so XLA copied them every step (benchmarks/README.md); the conditional updates donated buffers in place.
+    new_state = jax.lax.cond(
+      finite,
+      lambda s: s.apply_gradients(grads=grads, batch_stats=new_batch_stats),
+      lambda s: s.replace(step=s.step + 1),
+      state,
+    )
+  else:
+    # No gradient norm: it is a full extra pass over the gradients, which is what the guard costs (5% of a
+    # batch-32 MLP step on 2 CPU cores, benchmarks/README.md). The loss check is a scalar and stays.
+    grad_norm = None
+    finite = jnp.isfinite(loss)
+    new_state = state.apply_gradients(grads=grads, batch_stats=new_batch_stats)
 
   predictions = jnp.argmax(logits, axis=-1)
   sums = {
@@ -505,7 +512,8 @@ def _train_body(
   metrics = jax.tree.map(lambda s: s / global_count, _psum(sums, axis))
   metrics.update(_psum(extra_sums, axis))
   metrics["loss"] = loss
-  metrics["grad_norm"] = grad_norm
+  if grad_norm is not None:
+    metrics["grad_norm"] = grad_norm
   metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
   return new_state, metrics
 
@@ -766,6 +774,7 @@ def make_train_step(
   compute_dtype: Any = None,
   donate: bool = True,
   objective: Objective | None = None,
+  skip_nonfinite: bool = True,
 ) -> Callable[[TrainState, Any, Mapping[str, Any]], tuple[TrainState, dict[str, jax.Array]]]:
   r"""Builds the compiled distillation step ``step(state, teacher_variables, batch) -> (state, metrics)``.
 
@@ -796,6 +805,8 @@ def make_train_step(
   and BatchNorm statistics stay as they were, ``step`` still advances (so the
   next step draws fresh dropout and schedules keyed on ``state.step`` move on;
   the optimizer's own counters do not), and ``metrics['nonfinite']`` is 1.
+  The check costs one pass over the gradients (their global norm) and makes the
+  update wait for all of them; ``skip_nonfinite=False`` drops it.
 
   Bad inputs raise ValueError/TypeError on the host before anything compiles:
   layout not matching ``parallel``, batch size not dividing over the mesh,
@@ -829,11 +840,17 @@ def make_train_step(
       (the new ``state.batch_stats``, already reduced over ``axis_name`` as the objective sees fit) and optionally
       ``'metrics'``: per-device contributions, summed over ``axis_name`` into extra entries of ``metrics``. The
       rest of the step (gradient psum, the non-finite skip, the update, the standard metrics) is unchanged.
+    skip_nonfinite: skip the update of a step whose loss or gradient norm is not finite (above). False applies
+      every update as a hand-written step does: no ``grad_norm`` metric, ``nonfinite`` then only checks the loss
+      and a non-finite step does change the state (usually to NaN). Saves a pass over the gradients: measured
+      5% of the step rate for the MLP pair at batch 32 on 2 CPU cores, 1% at 128, nothing measurable at 512
+      (benchmarks/README.md). :func:`jaxkd.trainer.fit` stops at the first non-finite step of such a step.
 
   Returns:
     ``step(state, teacher_variables, batch) -> (state, metrics)``. ``metrics`` holds float32 scalars
     (per device in pmap mode, identical on every device): ``loss``, ``ce`` (hard-label cross-entropy),
-    ``accuracy``, ``grad_norm`` (global L2 norm of the reduced gradient), ``nonfinite``; with a teacher ``kd_loss``
+    ``accuracy``, ``grad_norm`` (global L2 norm of the reduced gradient; not with ``skip_nonfinite=False``),
+    ``nonfinite``; with a teacher ``kd_loss``
     (:math:`T^2`-scaled KL, unweighted), ``teacher_accuracy`` and ``agreement`` (student/teacher top-1).
   """
   check_temperature(temperature)
@@ -842,7 +859,7 @@ def make_train_step(
   mesh = _check_parallel(parallel, axis_name, mesh)
   if loss_fn is None:
     loss_fn = functools.partial(distillation_loss, temperature=temperature, alpha=alpha)
-  cfg = _Config(teacher_apply_fn, loss_fn, temperature, axis_name, compute_dtype, objective)
+  cfg = _Config(teacher_apply_fn, loss_fn, temperature, axis_name, compute_dtype, objective, skip_nonfinite)
   compiled = _wrap(functools.partial(_train_body, cfg), parallel, axis_name, mesh, donate)
   check = _Checker(cfg, parallel, mesh)
 
@@ -852,6 +869,8 @@ def make_train_step(
     check(state, teacher_variables, batch)
     return compiled(state, teacher_variables, dict(batch))
 
+  # fit() reads this to tell a skipped non-finite step from an applied one.
+  step.skip_nonfinite = skip_nonfinite
   return step
 
 

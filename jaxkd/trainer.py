@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
-  """Too many consecutive steps had a non-finite loss (their updates were skipped)."""
+  """Too many consecutive steps had a non-finite loss (their updates were skipped), or one did under a step
+  built with ``skip_nonfinite=False`` (its update was applied)."""
 
 
 class StatefulIterator(Protocol):
@@ -211,9 +212,24 @@ def fit(
   def host_state() -> train_lib.TrainState:
     return jax.device_get(_unplace(device_state, parallel))
 
+  # A step built with skip_nonfinite=False applies a non-finite update, so the state after it must never be
+  # saved over the last good checkpoint: such a step stops the run at the first logging point or save after it.
+  skips_nonfinite = getattr(train_step, "skip_nonfinite", True)
+
+  def stop_if_applied_nonfinite(step: int, nonfinite: float) -> None:
+    if nonfinite and not skips_nonfinite:
+      where = f"the last checkpoint in {manager.directory} holds" if manager is not None else "nothing on disk holds"
+      raise NonFiniteLossError(
+        f"{int(nonfinite)} step(s) up to step {step} had a non-finite loss, and train_step was built with "
+        f"skip_nonfinite=False, so their updates were applied; the state was not saved ({where} the last "
+        "state known to be finite). Lower the learning rate or check the inputs, or use skip_nonfinite=True."
+      )
+
   def save(step: int, metrics: Mapping[str, float] | None = None) -> None:
     if manager is None:
       return
+    if not skips_nonfinite and window:
+      stop_if_applied_nonfinite(step, _mean_metrics(window, parallel).get("nonfinite", 0.0))
     data_state = train_data.get_state() if hasattr(train_data, "get_state") else None
     manager.save(host_state(), data_state=data_state, config=config, meta=meta, metrics=metrics)
 
@@ -243,6 +259,7 @@ def fit(
           elapsed = time.perf_counter() - window_start
           train_metrics["steps_per_s"] = len(window) / max(elapsed, 1e-9)
           nonfinite = int(train_metrics.get("nonfinite", 0))
+          stop_if_applied_nonfinite(step, nonfinite)
           consecutive_nonfinite = consecutive_nonfinite + nonfinite if nonfinite == len(window) else nonfinite
           if nonfinite:
             log.warning("%d step(s) before step %d had a non-finite loss; their updates were skipped", nonfinite, step)

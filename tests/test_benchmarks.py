@@ -18,9 +18,11 @@ STEP_ROW_KEYS = {
   "matmul_gflops",
   "jaxkd_pmap_steps_s",
   "jaxkd_single_steps_s",
+  "jaxkd_noskip_steps_s",
   "hand_steps_s",
   "jaxkd_pmap_vs_hand",
   "jaxkd_single_vs_hand",
+  "jaxkd_noskip_vs_hand",
   "jaxkd_pmap_fraction_of_matmul",
   "hand_fraction_of_matmul",
   "jaxkd_pmap_host_us",
@@ -50,6 +52,7 @@ def _check_train_step(written):
     # jaxkd and the hand-written step start from the same parameters and do the same work.
     first = row["first_loss"]
     np.testing.assert_allclose(first["jaxkd_single"], first["hand"], rtol=1e-5)
+    np.testing.assert_allclose(first["jaxkd_noskip"], first["hand"], rtol=1e-5)
     if "MLP" in written["pair"] or jax.local_device_count() == 1:  # per-device BatchNorm statistics differ
       np.testing.assert_allclose(first["jaxkd_pmap"], first["hand"], rtol=1e-5)
 

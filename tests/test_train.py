@@ -322,6 +322,32 @@ def test_nonfinite_loss_skips_the_update():
   assert _max_abs_diff(train.unreplicate(state).params, before.params) > 0
 
 
+def test_skip_nonfinite_false_applies_every_update():
+  teacher, teacher_variables = _teacher()
+  guarded = train.make_train_step(teacher_apply_fn=teacher.apply, parallel="single")
+  unguarded = train.make_train_step(teacher_apply_fn=teacher.apply, parallel="single", skip_nonfinite=False)
+  assert guarded.skip_nonfinite and not unguarded.skip_nonfinite
+  # The guard is the conditional and the gradient norm; without it neither is in the program.
+  args = (_state(), teacher_variables, _data())
+  assert "cond[" in str(jax.make_jaxpr(guarded)(*args))
+  assert "cond[" not in str(jax.make_jaxpr(unguarded)(*args))
+
+  # On finite data both take the same step and report the same metrics, less grad_norm.
+  state_g, metrics_g = guarded(*args)
+  state_u, metrics_u = unguarded(_state(), teacher_variables, _data())
+  assert _max_abs_diff(state_g.params, state_u.params) == 0.0
+  assert set(metrics_g) - set(metrics_u) == {"grad_norm"}
+  for name in metrics_u:
+    np.testing.assert_array_equal(metrics_u[name], metrics_g[name], err_msg=name)
+
+  # A non-finite step is reported and, as documented, applied.
+  bad = _data(seed=2)
+  bad["image"][3] = np.nan
+  state_u, metrics_u = unguarded(state_u, teacher_variables, bad)
+  assert float(metrics_u["nonfinite"]) == 1.0
+  assert not all(np.all(np.isfinite(x)) for x in jax.tree.leaves(jax.device_get(state_u.params)))
+
+
 def test_bfloat16_compute():
   seen_dtypes = []
 

@@ -121,6 +121,28 @@ def test_nonfinite_steps_are_skipped_then_reported(tmp_path):
   assert all(np.all(np.isfinite(x)) for x in leaves(restored.state.params))
 
 
+def test_applied_nonfinite_step_stops_before_it_is_saved(tmp_path):
+  model = MLP(hidden_sizes=(4,), num_classes=2)
+  state = train.create_train_state(model, optax.sgd(0.1), np.zeros((1, 2, 2, 1), np.float32), rng=0)
+  step = train.make_train_step(parallel="single", skip_nonfinite=False)
+  # Steps 4-6 are NaN and applied; the save due at step 6 must not write that state.
+  with pytest.raises(trainer.NonFiniteLossError, match=r"3 step\(s\) up to step 6 .* skip_nonfinite=False"):
+    trainer.fit(
+      state,
+      train_step=step,
+      train_data=_NaNAfter(3),
+      num_steps=50,
+      parallel="single",
+      workdir=tmp_path,
+      checkpoint_every=3,
+      log_every=100,
+      progress=False,
+    )
+  restored = ckpt.Checkpointer(tmp_path / "checkpoints").restore(state)
+  assert restored.step == 3
+  assert all(np.all(np.isfinite(x)) for x in leaves(restored.state.params))
+
+
 def test_eval_and_best_checkpoint(tmp_path):
   model = MLP(hidden_sizes=(4,), num_classes=2)
   state = train.create_train_state(model, optax.sgd(0.1), np.zeros((1, 2, 2, 1), np.float32), rng=0)
