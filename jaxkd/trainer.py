@@ -176,7 +176,11 @@ def fit(
     config: the resolved run config, stored with each checkpoint.
     meta: provenance stored with each checkpoint (e.g. the teacher's path, step, fingerprint).
     max_consecutive_nonfinite: raise :class:`NonFiniteLossError` after this
-      many skipped (non-finite) steps in a row, counted at logging time.
+      many skipped (non-finite) steps in a row, counted at logging time. A
+      ``train_step`` built with ``skip_nonfinite=False`` applies non-finite
+      updates, so there the first one raises, at the next logging point or
+      checkpoint save, whichever comes first, and is never saved (a save first
+      checks the state itself for non-finite values).
     progress: show a tqdm progress bar (a string sets its description).
     stop_after: stop (and save) after this many steps of this call, as a
       preemption would; for tests and for splitting long runs.
@@ -228,10 +232,20 @@ def fit(
   def save(step: int, metrics: Mapping[str, float] | None = None) -> None:
     if manager is None:
       return
-    if not skips_nonfinite and window:
-      stop_if_applied_nonfinite(step, _mean_metrics(window, parallel).get("nonfinite", 0.0))
+    host = host_state()
+    if not skips_nonfinite:
+      if window:
+        stop_if_applied_nonfinite(step, _mean_metrics(window, parallel).get("nonfinite", 0.0))
+      # nonfinite only checks the loss there: a NaN gradient with a finite loss shows only in the state.
+      arrays = jax.tree.leaves((host.params, host.opt_state, host.batch_stats))
+      if not all(np.isfinite(x).all() for x in arrays if np.issubdtype(np.asarray(x).dtype, np.inexact)):
+        raise NonFiniteLossError(
+          f"the state at step {step} holds non-finite values and train_step was built with skip_nonfinite=False, "
+          f"so it was not saved (the last checkpoint in {manager.directory} holds the last finite state). "
+          "Lower the learning rate or check the loss's gradient, or use skip_nonfinite=True."
+        )
     data_state = train_data.get_state() if hasattr(train_data, "get_state") else None
-    manager.save(host_state(), data_state=data_state, config=config, meta=meta, metrics=metrics)
+    manager.save(host, data_state=data_state, config=config, meta=meta, metrics=metrics)
 
   bar = None
   if progress and num_steps > start:

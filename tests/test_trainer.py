@@ -8,6 +8,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -141,6 +142,43 @@ def test_applied_nonfinite_step_stops_before_it_is_saved(tmp_path):
   restored = ckpt.Checkpointer(tmp_path / "checkpoints").restore(state)
   assert restored.step == 3
   assert all(np.all(np.isfinite(x)) for x in leaves(restored.state.params))
+
+
+def test_applied_nan_gradient_with_a_finite_loss_is_not_saved(tmp_path):
+  model = MLP(hidden_sizes=(4,), num_classes=2)
+  state = train.create_train_state(model, optax.sgd(0.1), np.zeros((1, 2, 2, 1), np.float32), rng=0)
+
+  def loss_fn(logits, teacher_logits, labels):
+    # Finite value (0), NaN gradient (d sqrt(u)/du at 0 is inf, times 0).
+    return jnp.sqrt(jnp.sum(logits * 0.0, axis=-1))
+
+  step = train.make_train_step(parallel="single", loss_fn=loss_fn, skip_nonfinite=False)
+  teacher_logits = np.zeros((8, 2), np.float32)
+
+  class Data:
+    def __next__(self):
+      return {
+        "image": np.ones((8, 2, 2, 1), np.float32),
+        "label": np.zeros(8, np.int32),
+        "teacher_logits": teacher_logits,
+      }
+
+  probe = train.create_train_state(model, optax.sgd(0.1), np.zeros((1, 2, 2, 1), np.float32), rng=0)
+  _, metrics = step(probe, None, next(Data()))  # (the step donates its input state)
+  assert float(metrics["nonfinite"]) == 0.0  # the loss is finite: only the state shows it
+  with pytest.raises(trainer.NonFiniteLossError, match=r"state at step 1 holds non-finite values"):
+    trainer.fit(
+      state,
+      train_step=step,
+      train_data=Data(),
+      num_steps=5,
+      parallel="single",
+      workdir=tmp_path,
+      checkpoint_every=1,
+      log_every=100,
+      progress=False,
+    )
+  assert ckpt.Checkpointer(tmp_path / "checkpoints").restore(state) is None
 
 
 def test_eval_and_best_checkpoint(tmp_path):
