@@ -110,6 +110,30 @@ def test_pmap_shard_map_and_single_device_agree():
   assert _max_abs_diff(single_state.params, _state().params) > 1e-3
 
 
+@pytest.mark.parametrize("parallel", ["single", "pmap", "shard_map"])
+@pytest.mark.parametrize("skip_nonfinite", [True, False])
+def test_step_traces_once_and_donates_the_state(parallel, skip_nonfinite):
+  """What the benchmarks rely on: no retracing from step to step, and the state's buffers reused, not copied."""
+  teacher, teacher_variables = _teacher()
+  traces = []
+
+  def counting_apply(variables, images, **kwargs):
+    traces.append(type(images).__name__)  # runs when traced (and in the input check's eval_shape), not per call
+    return teacher.apply(variables, images, **kwargs)
+
+  step = train.make_train_step(teacher_apply_fn=counting_apply, parallel=parallel, skip_nonfinite=skip_nonfinite)
+  state, placed_teacher, _ = _place(parallel, _state(), teacher_variables, _data())
+  state, _ = step(state, placed_teacher, _place(parallel, None, None, _data(seed=1))[2])
+  traced = len(traces)
+  assert traced > 0
+  for seed in range(2, 5):
+    previous = state
+    state, _ = step(state, placed_teacher, _place(parallel, None, None, _data(seed=seed))[2])
+    assert all(leaf.is_deleted() for leaf in jax.tree.leaves(previous.params)), "state not donated"
+  assert len(traces) == traced, f"retraced: {traces}"
+  assert int(_host(parallel, state).step) == 4
+
+
 def test_resnet_with_per_device_batchnorm_pmap_matches_shard_map():
   """jaxkd.models.ResNet keeps per-device BatchNorm statistics: pmap and shard_map still agree."""
   model = ResNet(stage_sizes=(1,), widths=(4,), stem_width=4, num_classes=NUM_CLASSES)
