@@ -100,22 +100,30 @@ class _NaNAfter:
     return {"image": images, "label": np.zeros(8, np.int32)}
 
 
-def test_nonfinite_steps_are_skipped_then_reported(tmp_path):
+def _tiny_state() -> train.TrainState:
   model = MLP(hidden_sizes=(4,), num_classes=2)
-  state = train.create_train_state(model, optax.sgd(0.1), np.zeros((1, 2, 2, 1), np.float32), rng=0)
+  return train.create_train_state(model, optax.sgd(0.1), np.zeros((1, 2, 2, 1), np.float32), rng=0)
+
+
+def _fit(state, step, train_data, workdir, **kwargs):
+  """Up to 50 single-device steps with checkpoints in ``workdir``, no progress bar."""
+  return trainer.fit(
+    state,
+    train_step=step,
+    train_data=train_data,
+    num_steps=50,
+    parallel="single",
+    workdir=workdir,
+    progress=False,
+    **kwargs,
+  )
+
+
+def test_nonfinite_steps_are_skipped_then_reported(tmp_path):
+  state = _tiny_state()
   step = train.make_train_step(parallel="single")
   with pytest.raises(trainer.NonFiniteLossError, match=r"5 consecutive steps up to step 8"):
-    trainer.fit(
-      state,
-      train_step=step,
-      train_data=_NaNAfter(3),
-      num_steps=50,
-      parallel="single",
-      workdir=tmp_path,
-      log_every=1,
-      max_consecutive_nonfinite=5,
-      progress=False,
-    )
+    _fit(state, step, _NaNAfter(3), tmp_path, log_every=1, max_consecutive_nonfinite=5)
   # The last good parameters were saved, not NaNs.
   restored = ckpt.Checkpointer(tmp_path / "checkpoints").restore(state)
   assert restored.step == 8
@@ -123,30 +131,18 @@ def test_nonfinite_steps_are_skipped_then_reported(tmp_path):
 
 
 def test_applied_nonfinite_step_stops_before_it_is_saved(tmp_path):
-  model = MLP(hidden_sizes=(4,), num_classes=2)
-  state = train.create_train_state(model, optax.sgd(0.1), np.zeros((1, 2, 2, 1), np.float32), rng=0)
+  state = _tiny_state()
   step = train.make_train_step(parallel="single", skip_nonfinite=False)
   # Steps 4-6 are NaN and applied; the save due at step 6 must not write that state.
   with pytest.raises(trainer.NonFiniteLossError, match=r"3 step\(s\) up to step 6 .* skip_nonfinite=False"):
-    trainer.fit(
-      state,
-      train_step=step,
-      train_data=_NaNAfter(3),
-      num_steps=50,
-      parallel="single",
-      workdir=tmp_path,
-      checkpoint_every=3,
-      log_every=100,
-      progress=False,
-    )
+    _fit(state, step, _NaNAfter(3), tmp_path, checkpoint_every=3, log_every=100)
   restored = ckpt.Checkpointer(tmp_path / "checkpoints").restore(state)
   assert restored.step == 3
   assert all(np.all(np.isfinite(x)) for x in leaves(restored.state.params))
 
 
 def test_applied_nan_gradient_with_a_finite_loss_is_not_saved(tmp_path):
-  model = MLP(hidden_sizes=(4,), num_classes=2)
-  state = train.create_train_state(model, optax.sgd(0.1), np.zeros((1, 2, 2, 1), np.float32), rng=0)
+  state = _tiny_state()
 
   def loss_fn(logits, teacher_logits, labels):
     # Finite value (0), NaN gradient (d sqrt(u)/du at 0 is inf, times 0).
@@ -163,27 +159,15 @@ def test_applied_nan_gradient_with_a_finite_loss_is_not_saved(tmp_path):
         "teacher_logits": teacher_logits,
       }
 
-  probe = train.create_train_state(model, optax.sgd(0.1), np.zeros((1, 2, 2, 1), np.float32), rng=0)
-  _, metrics = step(probe, None, next(Data()))  # (the step donates its input state)
+  _, metrics = step(_tiny_state(), None, next(Data()))  # (the step donates its input state)
   assert float(metrics["nonfinite"]) == 0.0  # the loss is finite: only the state shows it
   with pytest.raises(trainer.NonFiniteLossError, match=r"state at step 1 holds non-finite values"):
-    trainer.fit(
-      state,
-      train_step=step,
-      train_data=Data(),
-      num_steps=5,
-      parallel="single",
-      workdir=tmp_path,
-      checkpoint_every=1,
-      log_every=100,
-      progress=False,
-    )
+    _fit(state, step, Data(), tmp_path, checkpoint_every=1, log_every=100)
   assert ckpt.Checkpointer(tmp_path / "checkpoints").restore(state) is None
 
 
 def test_eval_and_best_checkpoint(tmp_path):
-  model = MLP(hidden_sizes=(4,), num_classes=2)
-  state = train.create_train_state(model, optax.sgd(0.1), np.zeros((1, 2, 2, 1), np.float32), rng=0)
+  state = _tiny_state()
   scores = iter([0.2, 0.9, 0.1, 0.3, 0.4])
 
   class Data:
