@@ -844,7 +844,7 @@ def make_train_step(
       every update as a hand-written step does: no ``grad_norm`` metric, ``nonfinite`` then only checks the loss
       and a non-finite step does change the state (usually to NaN). Saves a pass over the gradients: measured
       5% of the step rate for the MLP pair at batch 32 on 2 CPU cores, 1% at 128, nothing measurable at 512
-      (benchmarks/README.md). :func:`jaxkd.trainer.fit` stops at the first non-finite step of such a step.
+      (benchmarks/README.md). Given such a step, :func:`jaxkd.trainer.fit` stops at its first non-finite step.
 
   Returns:
     ``step(state, teacher_variables, batch) -> (state, metrics)``. ``metrics`` holds float32 scalars
