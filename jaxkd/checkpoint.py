@@ -1,4 +1,4 @@
-"""Checkpoints with orbax: resume exactly, survive preemption, load teachers, export students.
+"""Checkpoints with orbax: resume exactly, load teachers and students' variables.
 
 A checkpoint step directory holds five orbax items:
 
@@ -22,9 +22,7 @@ import dataclasses
 import logging
 import os
 import pathlib
-import signal
-import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -37,11 +35,8 @@ __all__ = [
   "Checkpointer",
   "CheckpointMismatchError",
   "Restored",
-  "PreemptionGuard",
   "fingerprint",
   "load_variables",
-  "export_forward",
-  "load_exported",
 ]
 
 log = logging.getLogger(__name__)
@@ -378,95 +373,3 @@ def load_variables(path: os.PathLike | str, *, step: int | None = None) -> tuple
     manager.close()
   variables = {"params": model["params"], "batch_stats": model.get("batch_stats", {}) or {}}
   return variables, {"path": str(path), "step": int(step), "fingerprint": fingerprint(variables)}
-
-
-# ---------------------------------------------------------------- preemption
-
-
-class PreemptionGuard:
-  """Turns SIGTERM (what TPU/GPU schedulers send before preemption) into a flag the training loop polls.
-
-  Use as a context manager around the loop and call :meth:`should_stop(step)`
-  after each step; when it says True, save, wait for the save, and exit. With
-  several processes the decision goes through JAX's preemption sync point
-  (the distributed runtime's coordination service also catches SIGTERM), so
-  every process stops at the same step.
-  """
-
-  def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
-    self.signals = signals
-    self._event = threading.Event()
-    self._previous: dict[int, Any] = {}
-
-  def __enter__(self) -> PreemptionGuard:
-    if threading.current_thread() is threading.main_thread():
-      for sig in self.signals:
-        self._previous[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def __exit__(self, *exc: Any) -> None:
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-    self._previous.clear()
-
-  def _handle(self, signum: int, frame: Any) -> None:
-    self._event.set()
-
-  @property
-  def requested(self) -> bool:
-    return self._event.is_set()
-
-  def should_stop(self, step: int) -> bool:
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-
-      return bool(multihost_utils.reached_preemption_sync_point(int(step))) or self._event.is_set()
-    return self._event.is_set()
-
-
-# ---------------------------------------------------------------- export
-
-
-def export_forward(
-  apply_fn: Callable[..., jax.Array],
-  variables: PyTree,
-  example_input: jax.typing.ArrayLike,
-  path: os.PathLike | str,
-  *,
-  platforms: tuple[str, ...] | None = None,
-) -> pathlib.Path:
-  """Serialises the forward pass ``images -> logits`` (T=1, eval mode) with ``jax.export``.
-
-  The variables are baked in as constants, and the batch dimension is symbolic,
-  so the artifact runs on any batch size without jaxkd, Flax or the model's code:
-  ``jax.export.deserialize(path.read_bytes()).call(images)``.
-
-  Args:
-    apply_fn: ``apply_fn(variables, images, train=False) -> logits``.
-    variables: ``{'params', 'batch_stats'}`` of the student.
-    example_input: an input batch fixing the non-batch shape and dtype.
-    path: the file to write.
-    platforms: target platforms (default: the current backend), e.g. ``('cpu', 'cuda')``.
-
-  Returns:
-    The path written.
-  """
-  example_input = np.asarray(example_input)
-  variables = jax.device_get(variables)
-
-  def forward(images: jax.Array) -> jax.Array:
-    return apply_fn(variables, images, train=False)
-
-  (batch,) = jax.export.symbolic_shape("b")
-  spec = jax.ShapeDtypeStruct((batch, *example_input.shape[1:]), example_input.dtype)
-  exported = jax.export.export(jax.jit(forward), platforms=platforms)(spec)
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_bytes(exported.serialize())
-  return path
-
-
-def load_exported(path: os.PathLike | str) -> Callable[[jax.typing.ArrayLike], jax.Array]:
-  """Loads a :func:`export_forward` artifact as a function ``images -> logits``."""
-  exported = jax.export.deserialize(bytearray(pathlib.Path(path).read_bytes()))
-  return exported.call

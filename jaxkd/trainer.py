@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from jaxkd import checkpoint as ckpt
+from jaxkd import preemption
 from jaxkd import train as train_lib
 
 __all__ = ["fit", "FitResult", "MetricsLogger", "NonFiniteLossError"]
@@ -261,7 +262,7 @@ def fit(
   step = start
   window_start = time.perf_counter()
   try:
-    with ckpt.PreemptionGuard() as guard:
+    with preemption.PreemptionGuard() as guard:
       while step < num_steps:
         batch = next(train_data)
         device_state, metrics = train_step(device_state, device_teacher, batch)
