@@ -10,10 +10,13 @@ Measured, the compared variants in alternation (see :mod:`benchmarks.common`):
   - ``step``: the pure step rate of the offline (cached-logit) distillation step on one batch held on device,
     scaled to an epoch: ``steps_per_epoch * seconds_per_step``;
   - ``epoch_cached``: a full epoch end to end, pipeline + offline step (cached teacher logits in the batch);
-  - ``epoch_online``: a full epoch end to end, pipeline + online step (the teacher runs inside the step).
+  - ``epoch_online``: a full epoch end to end, pipeline + online step (the teacher runs inside the step);
+  - ``epoch_scan``: ``epoch_cached`` with ``steps_per_call=STEPS_PER_CALL`` (``lax.scan`` over that many
+    stacked batches per call, :func:`jaxkd.data.stack`), NumPy batches straight to the step.
 
-  ``epoch_cached / step`` is what the pipeline costs on top of the step (target <= 1.10); ``epoch_online /
-  epoch_cached`` is what running the teacher in every step costs against reading cached logits.
+  ``epoch_cached / step`` is what the pipeline costs on top of the step (target <= 1.10), ``epoch_scan / step``
+  the same with several steps per call; ``epoch_online / epoch_cached`` is what running the teacher in every step
+  costs against reading cached logits.
 
 The teacher is randomly initialised (speed does not depend on its weights). Building the logit cache
 (:func:`jaxkd.logit_cache.cached_teacher_logits`, one teacher pass over the split) is timed once and reported.
@@ -21,7 +24,7 @@ The teacher is randomly initialised (speed does not depend on its weights). Buil
 Run (about 2 minutes on 2 CPU cores; reads the prepared Fashion-MNIST)::
 
   python -m benchmarks.pipeline
-  python -m benchmarks.pipeline --batch_size 256 --parallel single
+  python -m benchmarks.pipeline --batch_size 256 --placement pmap
   python -m benchmarks.pipeline --gpu --dtype bfloat16
 
 Writes ``<out>/pipeline.json``.
@@ -42,14 +45,18 @@ import numpy as np
 import optax
 
 from benchmarks import common
-from jaxkd.data import BatchIterator, DevicePrefetcher
+from jaxkd.data import BatchIterator, DevicePrefetcher, stack
 from jaxkd.datasets import NORMALIZATION, ArrayDataset, load
 from jaxkd.logit_cache import cached_teacher_logits
 from jaxkd.models import MLP
-from jaxkd.train import create_train_state, make_train_step, replicate
+from jaxkd.placement import Placement, as_placement
+from jaxkd.state import create_train_state
+from jaxkd.train import make_train_step
 
 TEMPERATURE = 4.0
 ALPHA = 0.9
+# Steps per call of the epoch_scan variant: about 0.1 s of the 784-100-10 student's steps at batch 128 on 2 cores.
+STEPS_PER_CALL = 8
 
 SETTINGS = {
   "cpu": {"students": ((100,), (800, 800)), "teacher": (1200, 1200), "batch_size": 128, "rounds": 3},
@@ -71,27 +78,57 @@ def _describe(hidden: Sequence[int]) -> str:
 class _Epochs:
   """Builds the iterators of one configuration; every call starts a fresh one-epoch pipeline, as a user loop does."""
 
-  def __init__(self, data: ArrayDataset, *, batch_size: int, layout: str, mean, std, teacher_logits=None):
+  def __init__(
+    self,
+    data: ArrayDataset,
+    *,
+    batch_size: int,
+    placement: Placement,
+    mean,
+    std,
+    teacher_logits=None,
+    steps: int = 1,
+    prefetch: bool = True,
+  ):
     self.kwargs = dict(
-      batch_size=batch_size, train=True, num_epochs=1, mean=mean, std=std, layout=layout, teacher_logits=teacher_logits
+      batch_size=batch_size, train=True, num_epochs=1, mean=mean, std=std, teacher_logits=teacher_logits
     )
     self.data = data
+    self.placement = placement
+    self.steps = steps
+    self.prefetch = prefetch
     self.epoch = 0
 
-  def __call__(self) -> DevicePrefetcher:
+  def __call__(self) -> Any:
     self.epoch += 1
-    return DevicePrefetcher(BatchIterator(self.data, seed=self.epoch, **self.kwargs), size=2)
+    batches = stack(BatchIterator(self.data, seed=self.epoch, **self.kwargs), self.steps)
+    if self.prefetch:
+      return DevicePrefetcher(batches, placement=self.placement, size=2)
+    return _Closing(batches)
 
   @property
   def steps_per_epoch(self) -> int:
     return BatchIterator(self.data, **self.kwargs).steps_per_epoch
 
 
+class _Closing:
+  """A context manager around a plain iterator, like DevicePrefetcher's."""
+
+  def __init__(self, iterator: Any):
+    self.iterator = iterator
+
+  def __enter__(self) -> Any:
+    return self.iterator
+
+  def __exit__(self, *exc_info: Any) -> None:
+    pass
+
+
 def _time_student(
   student: MLP,
-  put,
-  parallel: str,
+  placement: Placement,
   cached_epochs: _Epochs,
+  scan_epochs: _Epochs,
   plain_epochs: _Epochs,
   online: tuple[Any, Any],
   rounds: int,
@@ -99,11 +136,15 @@ def _time_student(
   log: bool,
 ) -> common.Timings:
   """Pure offline step on a held batch, offline epoch and online epoch, in alternation, for one student."""
-  offline_step = make_train_step(temperature=TEMPERATURE, alpha=ALPHA, parallel=parallel)
+  offline_step = make_train_step(temperature=TEMPERATURE, alpha=ALPHA, placement=placement)
+  scan_step = make_train_step(
+    temperature=TEMPERATURE, alpha=ALPHA, placement=placement, steps_per_call=scan_epochs.steps
+  )
   online_step, online_teacher = online
   tx = optax.adam(1e-3)
   example = cached_epochs.data.images[:1].astype(np.float32)
-  states = {name: put(create_train_state(student, tx, example, rng=0)) for name in ("step", "cached", "online")}
+  names = ("step", "cached", "online", "scan")
+  states = {name: placement.put(create_train_state(student, tx, example, rng=0)) for name in names}
   with cached_epochs() as batches:
     held = next(batches)  # one batch on device, reused by the pure step
   with plain_epochs() as batches:
@@ -112,6 +153,8 @@ def _time_student(
   states["step"], _ = offline_step(states["step"], None, held)
   states["cached"], _ = offline_step(states["cached"], None, held)
   states["online"], _ = online_step(states["online"], online_teacher, held_plain)
+  with scan_epochs() as batches:
+    states["scan"], _ = scan_step(states["scan"], None, next(batches))
   jax.block_until_ready(states)
 
   def run_steps(n: int) -> None:
@@ -135,6 +178,7 @@ def _time_student(
     common.Variant("step", run_steps, warmup=1),
     epoch_variant("cached", cached_epochs, offline_step, None),
     epoch_variant("online", plain_epochs, online_step, online_teacher),
+    epoch_variant("scan", scan_epochs, scan_step, None),
   ]
   return common.interleave(variants, rounds=rounds, block_s=block_s, log=log)
 
@@ -144,7 +188,7 @@ def run(
   setting: str = "cpu",
   students: Sequence[Sequence[int]] | None = None,
   batch_size: int | None = None,
-  parallel: str = "pmap",
+  placement: str = "pmap",
   dtype: str = "float32",
   rounds: int | None = None,
   dataset: str = "fashion_mnist",
@@ -157,7 +201,7 @@ def run(
     setting: ``'cpu'``, ``'gpu'`` or ``'quick'`` (synthetic data, tiny models: the smoke test).
     students: hidden sizes of each student MLP.
     batch_size: global batch size.
-    parallel: the step's ``parallel`` (``'pmap'`` or ``'single'``); the iterator's layout follows.
+    placement: the step's placement (``'pmap'``, ``'single'`` or ``'data_parallel'``).
     dtype: the students' and teacher's computation dtype.
     rounds: alternation rounds.
     dataset: ``'fashion_mnist'`` (or ``'mnist'``), the training split; ``'synthetic'`` for random images.
@@ -170,9 +214,7 @@ def run(
   batch_size = batch_size or config["batch_size"]
   rounds = rounds or config["rounds"]
   compute_dtype = common.dtype_of(dtype)
-  if parallel not in ("pmap", "single"):
-    raise ValueError(f"parallel must be 'pmap' or 'single', got {parallel!r}.")
-  layout = "pmap" if parallel == "pmap" else "flat"
+  placement_name, placement = placement, as_placement(placement)
   if setting == "quick" or dataset == "synthetic":
     data = _synthetic(config.get("num_examples", 60_000))
     mean, std = NORMALIZATION["fashion_mnist"]
@@ -191,14 +233,17 @@ def run(
     )
     cache_build_s = time.perf_counter() - start
   print(
-    f"pipeline: {data.name} ({len(data)} examples), batch {batch_size}, parallel={parallel}, teacher "
+    f"pipeline: {data.name} ({len(data)} examples), batch {batch_size}, placement={placement!r}, teacher "
     f"{_describe(config['teacher'])}, {dtype}, {jax.local_device_count()} local device(s), {common.cpu_cores()} "
     f"cores, {rounds} rounds; logit cache built in {cache_build_s:.1f} s",
     flush=True,
   )
 
-  cached_epochs = _Epochs(data, batch_size=batch_size, layout=layout, mean=mean, std=std, teacher_logits=logits)
-  plain_epochs = _Epochs(data, batch_size=batch_size, layout=layout, mean=mean, std=std)
+  epoch_kwargs = dict(batch_size=batch_size, placement=placement, mean=mean, std=std)
+  cached_epochs = _Epochs(data, teacher_logits=logits, **epoch_kwargs)
+  plain_epochs = _Epochs(data, **epoch_kwargs)
+  # NumPy groups straight to the scanned step: the prefetcher's thread costs more than it hides on CPU.
+  scan_epochs = _Epochs(data, teacher_logits=logits, steps=STEPS_PER_CALL, prefetch=False, **epoch_kwargs)
   steps_per_epoch = cached_epochs.steps_per_epoch
   examples_per_epoch = steps_per_epoch * batch_size
 
@@ -227,19 +272,22 @@ def run(
     for name in timings.wall
   ]
   pipeline_table = common.print_table(
-    f"pipeline alone: BatchIterator + DevicePrefetcher, {data.name}, batch {batch_size}, layout {layout}",
+    f"pipeline alone: BatchIterator + DevicePrefetcher, {data.name}, batch {batch_size}, {placement!r}",
     pipeline_rows,
     ["batches", "examples_s", "epoch_s", "epoch_cpu_s"],
   )
 
   # (b), (c) and online vs cached, per student.
-  put = replicate if parallel == "pmap" else jax.device_put
-  online_step = make_train_step(teacher_apply_fn=teacher.apply, temperature=TEMPERATURE, alpha=ALPHA, parallel=parallel)
-  online = (online_step, put(teacher_variables))
+  online_step = make_train_step(
+    teacher_apply_fn=teacher.apply, temperature=TEMPERATURE, alpha=ALPHA, placement=placement
+  )
+  online = (online_step, placement.put(teacher_variables))
   rows = []
   for hidden in students:
     student = MLP(hidden, dtype=compute_dtype)
-    timings = _time_student(student, put, parallel, cached_epochs, plain_epochs, online, rounds, block_s, log)
+    timings = _time_student(student, placement, cached_epochs, scan_epochs, plain_epochs, online, rounds, block_s, log)
+    # The scanned epoch covers whole groups of STEPS_PER_CALL steps only.
+    scan_steps = steps_per_epoch // STEPS_PER_CALL * STEPS_PER_CALL
     step_epoch = [s * steps_per_epoch for s in timings.wall["step"]]
     rows.append(
       {
@@ -250,6 +298,10 @@ def run(
         "epoch_cached_s": statistics.median(timings.wall["epoch_cached"]),
         "epoch_online_s": statistics.median(timings.wall["epoch_online"]),
         "cached_epoch_over_step": common.median_ratio(timings.wall["epoch_cached"], step_epoch),
+        "epoch_scan_s": statistics.median(timings.wall["epoch_scan"]),
+        "scan_epoch_over_step": common.median_ratio(
+          timings.wall["epoch_scan"], [s * scan_steps for s in timings.wall["step"]]
+        ),
         "online_over_cached": common.median_ratio(timings.wall["epoch_online"], timings.wall["epoch_cached"]),
         "cached_epoch_over_step_cpu": common.median_ratio(
           timings.cpu["epoch_cached"], [s * steps_per_epoch for s in timings.cpu["step"]]
@@ -259,9 +311,11 @@ def run(
       }
     )
   columns = ["student", "step_rate_steps_s", "step_only_epoch_s", "epoch_cached_s", "cached_epoch_over_step"]
+  columns += ["epoch_scan_s", "scan_epoch_over_step"]
   columns += ["cached_epoch_over_step_cpu", "epoch_online_s", "online_over_cached", "online_over_cached_cpu"]
   table = common.print_table(
-    f"epochs on {data.name}, batch {batch_size}, parallel={parallel} (target cached_epoch_over_step <= 1.10; "
+    f"epochs on {data.name}, batch {batch_size}, {placement!r}, scan of {STEPS_PER_CALL} steps (target "
+    f"cached_epoch_over_step <= 1.10; "
     f"_cpu: by process CPU time)",
     rows,
     columns,
@@ -271,7 +325,8 @@ def run(
     "dataset": data.name,
     "num_examples": len(data),
     "batch_size": batch_size,
-    "parallel": parallel,
+    "placement": placement_name,
+    "steps_per_call": STEPS_PER_CALL,
     "dtype": dtype,
     "teacher": _describe(config["teacher"]),
     "temperature": TEMPERATURE,
@@ -291,7 +346,7 @@ def run(
 def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--batch_size", type=int, default=None)
-  parser.add_argument("--parallel", default="pmap", choices=("pmap", "single"))
+  parser.add_argument("--placement", default="pmap", choices=("pmap", "single", "data_parallel"))
   parser.add_argument("--dataset", default="fashion_mnist", choices=("fashion_mnist", "mnist", "synthetic"))
   parser.add_argument("--gpu", action="store_true", help="GPU settings (batch 512)")
   parser.add_argument("--quick", action="store_true", help="synthetic data and tiny models, for the smoke test")
@@ -303,7 +358,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   run(
     setting="quick" if args.quick else "gpu" if args.gpu else "cpu",
     batch_size=args.batch_size,
-    parallel=args.parallel,
+    placement=args.placement,
     dtype=args.dtype,
     rounds=args.rounds,
     dataset=args.dataset,

@@ -30,7 +30,7 @@ def run_all(
   sizes: Sequence[int] | None = None,
   conv_sizes: Sequence[int] | None = None,
   rounds: int | None = None,
-  parallel: str = "pmap",
+  placement: str = "pmap",
   with_torch: bool = True,
   out_dir: str | None = None,
   log: bool = False,
@@ -63,7 +63,7 @@ def run_all(
       )
     else:
       results[name] = pipeline.run(
-        setting=setting, parallel=parallel, dtype=dtype, rounds=rounds, out_dir=out_dir, log=log
+        setting=setting, placement=placement, dtype=dtype, rounds=rounds, out_dir=out_dir, log=log
       )
     print(f"[{name}: {time.perf_counter() - began:.0f} s]", flush=True)
   print(f"\nall benchmarks: {time.perf_counter() - start:.0f} s", flush=True)
@@ -75,7 +75,9 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--only", default=",".join(BENCHMARKS), help=f"comma-separated subset of {BENCHMARKS}")
   parser.add_argument("--sizes", type=common.parse_sizes, default=None, help="MLP batch sizes, e.g. 32,128,512")
   parser.add_argument("--conv_sizes", type=common.parse_sizes, default=None, help="ResNet batch sizes")
-  parser.add_argument("--parallel", default="pmap", choices=("pmap", "single"), help="the pipeline benchmark's step")
+  parser.add_argument(
+    "--placement", default="pmap", choices=("pmap", "single", "data_parallel"), help="the pipeline benchmark's step"
+  )
   train_step.add_arguments(parser)
   args = parser.parse_args(argv)
   run_all(
@@ -85,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     sizes=args.sizes,
     conv_sizes=args.conv_sizes,
     rounds=args.rounds,
-    parallel=args.parallel,
+    placement=args.placement,
     with_torch=not args.no_torch,
     out_dir=args.out,
     log=args.log,

@@ -2,10 +2,11 @@
 
 For each batch size, in alternation (see :mod:`benchmarks.common`):
 
-* ``jaxkd_pmap``: ``jaxkd.make_train_step(parallel='pmap')`` called as a user calls it, ``step(state,
-  teacher_variables, batch)``, host-side input checks included; state and teacher :func:`~jaxkd.train.replicate`'d,
-  the batch already placed on the devices as :class:`jaxkd.data.DevicePrefetcher` places it.
-* ``jaxkd_single``: the same with ``parallel='single'`` (one device, flat batch).
+* ``jaxkd_pmap``: ``jaxkd.make_train_step(placement='pmap')`` called as a user calls it, ``step(state,
+  teacher_variables, batch)``, host-side input checks included; state and teacher put with
+  ``step.placement.put``, the batch already placed on the devices as :class:`jaxkd.data.DevicePrefetcher` places
+  it (``step.placement.put_batch``).
+* ``jaxkd_single``: the same with ``placement='single'`` (a one-device mesh: ``jit`` + ``shard_map``).
 * ``jaxkd_noskip``: ``jaxkd_single`` built with ``skip_nonfinite=False``: no gradient norm and no skipped update
   on a non-finite step, the work the hand-written step does.
 * ``hand``: the same work written by hand: teacher forward under ``stop_gradient``, student forward and
@@ -46,17 +47,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from benchmarks import common
 from jaxkd.models import MLP, ResNet
-from jaxkd.train import create_train_state, make_train_step, replicate, split_for_pmap
+from jaxkd.state import create_train_state
+from jaxkd.train import make_train_step
 
 TEMPERATURE = 4.0
 ALPHA = 0.9
 LEARNING_RATE = 1e-3
-# (column name, parallel, skip_nonfinite) of the jaxkd steps timed against the hand-written one.
+# (column name, placement, skip_nonfinite) of the jaxkd steps timed against the hand-written one.
 JAXKD_VARIANTS = (("jaxkd_pmap", "pmap", True), ("jaxkd_single", "single", True), ("jaxkd_noskip", "single", False))
 NUM_CLASSES = 10
 
@@ -188,11 +188,6 @@ def torch_variant(
 # One batch size.
 
 
-def _pmap_sharding() -> NamedSharding:
-  # What jaxkd.data.DevicePrefetcher uses for layout='pmap' batches.
-  return NamedSharding(Mesh(np.array(jax.local_devices()), ("devices",)), P("devices"))
-
-
 def build_variants(
   teacher: nn.Module,
   student: nn.Module,
@@ -216,20 +211,16 @@ def build_variants(
   host_us: dict[str, list[float]] = {}
   variants = []
 
-  for name, parallel, skip_nonfinite in JAXKD_VARIANTS:
+  for name, placement, skip_nonfinite in JAXKD_VARIANTS:
     step = make_train_step(
       teacher_apply_fn=teacher.apply,
       temperature=TEMPERATURE,
       alpha=ALPHA,
-      parallel=parallel,
+      placement=placement,
       skip_nonfinite=skip_nonfinite,
     )
-    state = create_train_state(student, tx, images[:1], rng=0)
-    if parallel == "pmap":
-      state, t_vars = replicate(state), replicate(teacher_variables)
-      batch = jax.device_put(split_for_pmap(flat_batch), _pmap_sharding())
-    else:
-      t_vars, batch = jax.device_put(teacher_variables), jax.device_put(flat_batch)
+    state = step.placement.put(create_train_state(student, tx, images[:1], rng=0))
+    t_vars, batch = step.placement.put(teacher_variables), step.placement.put_batch(flat_batch)
     state, metrics = step(state, t_vars, batch)
     first_loss[name] = float(np.mean(metrics["loss"]))
     holder = {"state": state}

@@ -41,7 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.train_subset = 0  # 0: the whole remaining training split.
   config.test_subset = 0  # 0: the whole test split.
   config.batch_size = 128
-  config.parallel = "pmap"
+  config.placement = "pmap"
 
   config.teacher_features = (32, 64)
   config.teacher_dense = 256
@@ -88,7 +88,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     batch_size=config.batch_size,
     mean=mean,
     std=std,
-    parallel=config.parallel,
+    placement=config.placement,
     config=config,
   )
   print(f"transfer set: {len(fit_set)} examples; validation {len(val_set)}; test {len(test_set)}", flush=True)

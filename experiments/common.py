@@ -21,9 +21,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxkd.trainer import MetricsLogger, _to_python
+from jaxkd.metrics import to_python as _to_python
 
-__all__ = ["MetricsLogger", "main", "resolve_quick", "write_json", "read_json", "mean_std", "markdown_table"]
+__all__ = ["main", "resolve_quick", "write_json", "read_json", "mean_std", "markdown_table"]
 
 # ---------------------------------------------------------------- command line
 
@@ -216,12 +216,15 @@ def inference_latency(
 
 # ---------------------------------------------------------------- data
 
-# Per-dataset pixel statistics (of pixel / 255) for normalisation.
-PIXEL_STATS = {"fashion_mnist": (0.2860, 0.3530), "mnist": (0.1307, 0.3081)}
-
 
 def pixel_stats(dataset: str) -> tuple[float, float]:
-  return PIXEL_STATS.get(dataset, (0.5, 0.25))
+  """Mean and standard deviation of pixel / 255 for one-channel datasets (jaxkd.datasets.NORMALIZATION)."""
+  from jaxkd.datasets import NORMALIZATION
+
+  if dataset not in NORMALIZATION:
+    return 0.5, 0.25
+  (mean,), (std,) = NORMALIZATION[dataset]
+  return mean, std
 
 
 def load_splits(config: ml_collections.ConfigDict):
@@ -247,10 +250,6 @@ def load_splits(config: ml_collections.ConfigDict):
 # ---------------------------------------------------------------- sub-runs
 
 
-def data_layout(parallel: str) -> str:
-  return "pmap" if parallel == "pmap" else "flat"
-
-
 def evaluate(
   eval_step: Callable,
   state: Any,
@@ -260,34 +259,16 @@ def evaluate(
   batch_size: int,
   mean: float,
   std: float,
-  parallel: str,
   teacher_logits: np.ndarray | None = None,
 ) -> dict[str, float]:
   """Student (and teacher) metrics over a whole split, each example counted once."""
   from jaxkd import data as data_lib
-  from jaxkd import train as train_lib
+  from jaxkd import evaluation
 
   iterator = data_lib.BatchIterator(
-    dataset,
-    batch_size=batch_size,
-    train=False,
-    mean=mean,
-    std=std,
-    teacher_logits=teacher_logits,
-    layout=data_layout(parallel),
+    dataset, batch_size=batch_size, train=False, mean=mean, std=std, teacher_logits=teacher_logits
   )
-  placed_state = train_lib.replicate(state) if parallel == "pmap" else state
-  placed_teacher = (
-    train_lib.replicate(teacher_variables)
-    if parallel == "pmap" and teacher_variables is not None
-    else teacher_variables
-  )
-  total = None
-  for batch in iterator:
-    sums = eval_step(placed_state, placed_teacher, batch)
-    sums = jax.device_get(train_lib.unreplicate(sums) if parallel == "pmap" else sums)
-    total = sums if total is None else jax.tree.map(lambda a, b: a + b, total, sums)
-  return train_lib.summarize_eval(total)
+  return evaluation.evaluate(eval_step, state, teacher_variables, iterator)
 
 
 def train_subrun(
@@ -303,7 +284,7 @@ def train_subrun(
   seed: int,
   mean: float,
   std: float,
-  parallel: str = "pmap",
+  placement: Any = "pmap",
   teacher_apply_fn: Callable | None = None,
   teacher_variables: Any = None,
   teacher_logits: np.ndarray | None = None,
@@ -323,7 +304,7 @@ def train_subrun(
   experiment is rerun; an unfinished one resumes from its last checkpoint. The
   student learns online from ``teacher_apply_fn`` (on the same augmented batch), or
   offline from ``teacher_logits`` (rows aligned with ``train_set``), or from labels
-  alone when neither is given. With a :class:`jaxkd.methods.Method` as ``method`` it
+  alone when neither is given. With a :class:`jaxkd.Objective` as ``method`` it
   learns online from ``teacher_apply_fn`` by that method's loss terms (``loss_fn``,
   ``alpha`` unused; batches carry ``'index'``, whose largest value sets the number of
   rows of per-example term state such as CRD's memory bank); ``params`` then counts
@@ -336,17 +317,20 @@ def train_subrun(
   import optax
 
   from jaxkd import data as data_lib
+  from jaxkd import state as state_lib
   from jaxkd import train as train_lib
   from jaxkd import trainer
+  from jaxkd.placement import as_placement
 
+  placement = as_placement(placement)
   run_dir = workdir / name
   result_path = run_dir / "result.json"
   if result_path.exists():
     return read_json(result_path)
   run_dir.mkdir(parents=True, exist_ok=True)
 
-  def make_iterator(data_state=None):
-    iterator = data_lib.BatchIterator(
+  def make_iterator():
+    return data_lib.BatchIterator(
       train_set,
       batch_size=batch_size,
       train=True,
@@ -355,12 +339,8 @@ def train_subrun(
       std=std,
       max_translation=max_translation,
       teacher_logits=teacher_logits,
-      layout=data_layout(parallel),
       include_index=method is not None,
     )
-    if data_state:
-      iterator.set_state(data_state)
-    return iterator
 
   steps_per_epoch = make_iterator().steps_per_epoch
   num_steps = max(1, int(round(num_epochs * steps_per_epoch)))
@@ -368,34 +348,33 @@ def train_subrun(
   tx = optax.adamw(schedule, weight_decay=weight_decay) if weight_decay else optax.adam(schedule)
   example = np.zeros((1, *train_set.images.shape[1:]), np.float32)
   if method is None:
-    state = train_lib.create_train_state(model, tx, example, rng=seed)
-    train_step = train_lib.make_train_step(
-      teacher_apply_fn=teacher_apply_fn, loss_fn=loss_fn, temperature=temperature, alpha=alpha, parallel=parallel
-    )
+    state = state_lib.create_train_state(model, tx, example, rng=seed)
   else:
-    from jaxkd import methods as methods_lib
-
-    state = methods_lib.create_method_state(
-      method,
+    state = state_lib.create_train_state(
       model,
       tx,
       example,
-      teacher_apply_fn=teacher_apply_fn,
-      teacher_variables=teacher_variables,
       rng=seed,
+      objective=method,
+      teacher=teacher_apply_fn,
+      teacher_variables=teacher_variables,
       num_data=int(np.max(train_set.indices)) + 1,
     )
-    train_step = methods_lib.make_method_train_step(
-      method, teacher_apply_fn=teacher_apply_fn, temperature=temperature, parallel=parallel
-    )
+  train_step = train_lib.make_train_step(
+    teacher_apply_fn=teacher_apply_fn,
+    objective=method,
+    loss_fn=loss_fn,
+    temperature=temperature,
+    alpha=alpha,
+    placement=placement,
+  )
   start = time.perf_counter()
   result = trainer.fit(
     state,
     train_step=train_step,
-    train_data=lambda data_state: _maybe_prefetch(make_iterator(data_state)),
+    train_data=_maybe_prefetch(make_iterator(), placement),
     num_steps=num_steps,
     teacher_variables=teacher_variables if teacher_apply_fn is not None else None,
-    parallel=parallel,
     workdir=run_dir,
     checkpoint_every=checkpoint_every,
     log_every=min(100, num_steps),
@@ -406,23 +385,20 @@ def train_subrun(
   if result.preempted:
     raise SystemExit(143)
   train_seconds = time.perf_counter() - start
-  eval_step = train_lib.make_eval_step(parallel=parallel)
+  eval_step = train_lib.make_eval_step(placement=placement)
   out: dict[str, Any] = {"num_steps": num_steps, "train_seconds": train_seconds}
   for split, dataset in eval_sets.items():
-    metrics = evaluate(eval_step, result.state, None, dataset, batch_size=1000, mean=mean, std=std, parallel=parallel)
+    metrics = evaluate(eval_step, result.state, None, dataset, batch_size=1000, mean=mean, std=std)
     out[f"{split}_accuracy"] = metrics["accuracy"]
     out[f"{split}_errors"] = int(round((1.0 - metrics["accuracy"]) * metrics["count"]))
   from jaxkd.models import count_params
 
-  if method is None:
-    out["params"] = count_params(result.state.params)
-  else:
-    out["params"] = count_params(methods_lib.student_variables(result.state)["params"])
+  out["params"] = count_params(result.state.params)  # the student alone: adapters live in state.adapters
   write_json(result_path, out)
   return out
 
 
-def _maybe_prefetch(iterator: Any) -> Any:
+def _maybe_prefetch(iterator: Any, placement: Any) -> Any:
   """Prefetches to accelerators; on the CPU the extra copy of a background device_put costs more than it hides.
 
   Measured here (2 cores, epoch time over the held-batch step time, benchmarks/README.md item 5): for a
@@ -432,7 +408,7 @@ def _maybe_prefetch(iterator: Any) -> Any:
   """
   from jaxkd import data as data_lib
 
-  return iterator if jax.default_backend() == "cpu" else data_lib.DevicePrefetcher(iterator)
+  return iterator if jax.default_backend() == "cpu" else data_lib.DevicePrefetcher(iterator, placement=placement)
 
 
 def load_subrun_variables(workdir: pathlib.Path, name: str) -> tuple[dict, dict]:

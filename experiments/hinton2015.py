@@ -45,7 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.train_subset = 0
   config.test_subset = 0
   config.batch_size = 128
-  config.parallel = "pmap"
+  config.placement = "pmap"
 
   config.teacher_hidden = (1200, 1200)
   config.teacher_dropout = 0.5
@@ -92,7 +92,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     batch_size=config.batch_size,
     mean=mean,
     std=std,
-    parallel=config.parallel,
+    placement=config.placement,
     config=config,
   )
   teacher = MLP(

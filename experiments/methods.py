@@ -100,7 +100,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.train_subset = 0  # 0: the whole remaining training split.
   config.test_subset = 0  # 0: the whole test split.
   config.batch_size = 64  # RepDistiller's; PKT's weight and the relation losses depend on it.
-  config.parallel = "pmap"
+  config.placement = "pmap"
   config.max_translation = 0
 
   # The Fashion-MNIST pair (CIFAR-100 uses RepDistiller's resnet32x4 and resnet8x4).
@@ -199,7 +199,8 @@ def make_pair(config: ml_collections.ConfigDict, num_classes: int) -> Pair:
 
 
 def build_method(name: str, pair: Pair, config: ml_collections.ConfigDict, steps: int):
-  """The :class:`jaxkd.methods.Method` ``name`` at its paper's setting, next to the hard-label cross-entropy."""
+  """The :class:`jaxkd.Objective` ``name`` at its paper's setting, next to the hard-label cross-entropy."""
+  import jaxkd
   from jaxkd import methods as m
 
   (s_hint, t_hint), (s_stages, t_stages) = pair.hint, pair.stages
@@ -238,7 +239,7 @@ def build_method(name: str, pair: Pair, config: ml_collections.ConfigDict, steps
   }
   if name not in builders:
     raise ValueError(f"unknown method {name!r}; choose from {sorted(builders)}.")
-  return m.Method(builders[name](), name=name)
+  return jaxkd.Objective(builders[name](), name=name)
 
 
 def describe(method) -> str:
@@ -264,7 +265,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     batch_size=config.batch_size,
     mean=pair.mean,
     std=pair.std,
-    parallel=config.parallel,
+    placement=config.placement,
     max_translation=config.max_translation,
     config=config,
   )

@@ -40,7 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   data = ("dataset", "data_dir", "source_dir", "validation_size", "train_subset", "test_subset", "batch_size")
   for key in base.keys():
-    if key in (*data, "parallel", "temperature", "alpha") or key.startswith(("teacher_", "student_")):
+    if key in (*data, "placement", "temperature", "alpha") or key.startswith(("teacher_", "student_")):
       config[key] = base[key]
   config.omitted_class = 3
   config.max_shift = 10.0
@@ -97,7 +97,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     seed=config.seed,
     mean=mean,
     std=std,
-    parallel=config.parallel,
+    placement=config.placement,
     max_translation=config.teacher_jitter,
     config=config,
   )
@@ -120,7 +120,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     seed=config.seed,
     mean=mean,
     std=std,
-    parallel=config.parallel,
+    placement=config.placement,
     teacher_logits=teacher_logits,
     temperature=config.temperature,
     alpha=config.alpha,

@@ -1,6 +1,6 @@
 """jaxkd: knowledge distillation in JAX and Flax."""
 
-from jaxkd import distributed, features, methods, relations
+from jaxkd import crd, distributed, evaluation, features, hooks, methods, objective, relations
 from jaxkd.losses import (
   dist_loss,
   distillation_loss,
@@ -15,23 +15,27 @@ from jaxkd.losses import (
   tempered_log_softmax,
   tempered_softmax,
 )
-from jaxkd.train import (
-  TrainState,
-  create_train_state,
-  from_nnx,
-  make_eval_step,
-  make_train_step,
-  summarize_eval,
-)
+from jaxkd.modeling import Model, from_nnx
+from jaxkd.objective import LossTerm, Objective
+from jaxkd.placement import Placement
+from jaxkd.state import TrainState, create_train_state
+from jaxkd.train import make_eval_step, make_train_step, summarize_eval
 
 __version__ = "0.1.0"
 
 __all__ = [
+  "LossTerm",
+  "Model",
+  "Objective",
+  "Placement",
   "TrainState",
   "create_train_state",
+  "crd",
   "dist_loss",
   "distillation_loss",
   "distributed",
+  "evaluation",
+  "hooks",
   "dkd_loss",
   "features",
   "generalized_jsd_loss",
@@ -41,6 +45,7 @@ __all__ = [
   "make_eval_step",
   "make_train_step",
   "methods",
+  "objective",
   "relations",
   "reverse_kl_loss",
   "soft_cross_entropy",

@@ -3,7 +3,7 @@
 A checkpoint step directory holds five orbax items:
 
 - ``model``: ``{'params', 'batch_stats'}``, all that inference or a teacher needs;
-- ``train``: ``{'opt_state', 'step', 'rng'}``, the rest of the student's
+- ``train``: ``{'opt_state', 'step', 'rng', 'adapters', 'term_state'}``, the rest of the student's
   :class:`jaxkd.TrainState` (the key stored as raw key data);
 - ``data``: the input iterator's position (JSON), so a resumed run sees the
   same batches an uninterrupted one would;
@@ -78,7 +78,14 @@ def _split_state(state: Any) -> tuple[dict, dict]:
   if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
     rng = jax.random.key_data(rng)
   model = {"params": state.params, "batch_stats": state.batch_stats}
-  train = {"opt_state": state.opt_state, "step": state.step, "rng": rng}
+  # Adapters and term states train with the student but are not part of it: the train item, like the optimizer.
+  train = {
+    "opt_state": state.opt_state,
+    "step": state.step,
+    "rng": rng,
+    "adapters": getattr(state, "adapters", {}),
+    "term_state": getattr(state, "term_state", {}),
+  }
   return _to_host(model), _to_host(train)
 
 
@@ -318,6 +325,8 @@ class Checkpointer:
       opt_state=train["opt_state"],
       step=np.asarray(train["step"], dtype=np.asarray(state_template.step).dtype),
       rng=rng,
+      adapters=train.get("adapters", {}),
+      term_state=train.get("term_state", {}),
     )
     return Restored(
       state=state, step=step, data_state=restored["data"], config=restored["config"], meta=restored["meta"]

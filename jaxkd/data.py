@@ -1,24 +1,26 @@
 """Input pipeline: in-memory batches with per-process sharding, augmentation, resumable position, device prefetch.
 
-A batch is a dict of NumPy arrays (JAX arrays after :class:`DevicePrefetcher`):
+A batch is a dict of this process's rows, NumPy arrays (JAX arrays after :class:`DevicePrefetcher`):
 
-* ``'image'``: float32 ``[..., height, width, channels]``, ``(pixel / 255 - mean) / std``;
-* ``'label'``: int32 ``[...]``;
-* ``'mask'``: bool ``[...]``, eval batches only; False marks padding;
-* ``'teacher_logits'``: float32 ``[..., num_classes]``, when the iterator is given cached logits;
-* ``'index'``: int64 ``[...]``, the example's ``ArrayDataset.indices`` entry, with ``include_index=True``.
+* ``'image'``: float32 ``[batch, height, width, channels]``, ``(pixel / 255 - mean) / std``;
+* ``'label'``: int32 ``[batch]``;
+* ``'mask'``: bool ``[batch]``, eval batches only; False marks padding;
+* ``'teacher_logits'``: float32 ``[batch, num_classes]``, when the iterator is given cached logits;
+* ``'index'``: int64 ``[batch]``, the example's ``ArrayDataset.indices`` entry, with ``include_index=True``.
 
-``...`` is ``[batch]`` for ``layout='flat'`` (``jit``/``shard_map``, or one device) and
-``[local_devices, batch_per_device]`` for ``layout='pmap'``.
+Rows are always flat: how they are split over devices is the :class:`jaxkd.Placement`'s business
+(:meth:`~jaxkd.Placement.put_batch`, done by the train step or by :class:`DevicePrefetcher`). :func:`stack`
+groups consecutive batches into ``[steps, batch, ...]`` for a step built with ``steps_per_call``.
 
-Why not grain: grain's ``MapDataset``/``DataLoader`` transform and batch record by
-record in Python (or in worker processes), which on Fashion-MNIST costs more than a
-small MLP's training step. The splits jaxkd distils on fit in memory, so a batch here
-is one vectorised gather from the whole split plus vectorised augmentation, the
-per-epoch order is one ``permutation`` and the iterator position is two integers,
-which is all grain's checkpointing would give. For data that does not fit in memory,
-:func:`jaxkd.datasets.load_data_source` returns a random-access source that grain can
-read directly.
+Every iterator here follows one protocol: ``__next__``, and ``get_state``/``set_state`` for a position that a
+checkpoint saves and a resumed run restores (:func:`jaxkd.trainer.fit` does both).
+
+Why not grain: grain's ``MapDataset``/``DataLoader`` transform and batch record by record in Python (or in worker
+processes), which on Fashion-MNIST costs more than a small MLP's training step. The splits jaxkd distils on fit in
+memory, so a batch here is one vectorised gather from the whole split plus vectorised augmentation, the per-epoch
+order is one ``permutation`` and the iterator position is two integers, which is all grain's checkpointing would
+give. For data that does not fit in memory, :func:`jaxkd.datasets.load_data_source` returns a random-access source
+that grain can read directly.
 """
 
 from __future__ import annotations
@@ -27,23 +29,24 @@ import math
 import queue
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import jax
 import numpy as np
 
 from jaxkd.datasets import ArrayDataset
+from jaxkd.placement import Placement
 
 __all__ = [
   "BatchIterator",
   "DevicePrefetcher",
   "normalize",
   "shard_bounds",
+  "stack",
+  "StackedBatches",
   "transfer_set",
   "translate",
 ]
-
-Layout = Literal["flat", "pmap"]
 
 
 def transfer_set(
@@ -252,8 +255,6 @@ class BatchIterator:
     teacher_logits: float ``[len(dataset), num_classes]`` aligned with ``dataset``
       (see :func:`jaxkd.logit_cache.cached_teacher_logits`); attached to each batch as
       ``'teacher_logits'``. Not allowed with augmentation, which would make them stale.
-    layout: ``'flat'`` for ``[batch, ...]`` or ``'pmap'`` for ``[devices, batch_per_device, ...]``.
-    num_devices: devices of the ``'pmap'`` layout; default ``jax.local_device_count()``.
     include_index: add ``'index'``, each example's ``dataset.indices`` entry.
     process_index: this process's index; default ``jax.process_index()``.
     process_count: number of processes; default ``jax.process_count()``.
@@ -284,8 +285,6 @@ class BatchIterator:
     max_translation: int = 0,
     horizontal_flip: bool = False,
     teacher_logits: np.ndarray | None = None,
-    layout: Layout = "flat",
-    num_devices: int | None = None,
     include_index: bool = False,
     process_index: int | None = None,
     process_count: int | None = None,
@@ -296,22 +295,10 @@ class BatchIterator:
     self.num_epochs = num_epochs
     self.process_index = jax.process_index() if process_index is None else int(process_index)
     self.process_count = jax.process_count() if process_count is None else int(process_count)
-    if layout not in ("flat", "pmap"):
-      raise ValueError(f"layout must be 'flat' or 'pmap', got {layout!r}.")
-    self.layout = layout
-    if layout == "flat":
-      self.num_devices = 1
-    else:
-      self.num_devices = jax.local_device_count() if num_devices is None else int(num_devices)
     if batch_size < 1 or batch_size % self.process_count:
       raise ValueError(f"batch_size {batch_size} must be a positive multiple of process_count {self.process_count}.")
     self.batch_size = int(batch_size)
     self.process_batch_size = batch_size // self.process_count
-    if self.process_batch_size % self.num_devices:
-      raise ValueError(
-        f"the per-process batch {self.process_batch_size} (batch_size {batch_size} / {self.process_count} "
-        f"processes) must divide evenly over {self.num_devices} devices for layout='pmap'."
-      )
     if max_translation < 0:
       raise ValueError(f"max_translation must be >= 0, got {max_translation}.")
     if not train and (max_translation or horizontal_flip):
@@ -449,10 +436,66 @@ class BatchIterator:
       for value in batch.values():
         value[~mask] = 0
       batch["mask"] = mask
-    if self.layout == "pmap":
-      # [devices, batch_per_device, ...]
-      batch = {k: v.reshape(self.num_devices, -1, *v.shape[1:]) for k, v in batch.items()}
     return batch
+
+
+class StackedBatches:
+  """What :func:`stack` returns. ``stacked_steps`` (batches per group) is read by :class:`DevicePrefetcher` and
+  :func:`jaxkd.trainer.fit`."""
+
+  def __init__(self, iterator: Iterator[Mapping[str, Any]], steps: int):
+    if not isinstance(steps, int) or steps < 1:
+      raise ValueError(f"steps must be an int >= 1, got {steps!r}.")
+    self._iterator = iterator
+    self.stacked_steps = steps
+    self._state = _state_of(iterator)
+
+  def get_state(self) -> dict[str, Any] | None:
+    """The wrapped iterator's position after the last group (None if it has no ``get_state``)."""
+    return None if self._state is None else dict(self._state)
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    """Repositions the wrapped iterator (a state from :meth:`get_state`)."""
+    _set_state_of(self._iterator, state)
+    self._state = _state_of(self._iterator)
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    group = [next(self._iterator) for _ in range(self.stacked_steps)]
+    self._state = _state_of(self._iterator)
+    # NumPy on the host: JAX arrays (already placed batches) come back to the host here, so prefetch the stacked
+    # iterator, not the batches it stacks.
+    return {key: np.stack([np.asarray(batch[key]) for batch in group]) for key in group[0]}
+
+
+def stack(iterator: Iterator[Mapping[str, Any]], steps: int) -> StackedBatches | Iterator[Mapping[str, Any]]:
+  """Stacks ``steps`` consecutive batches of ``iterator`` into one ``{key: [steps, batch, ...]}``.
+
+  The input of a train step built with ``steps_per_call=steps``; ``steps=1`` returns ``iterator`` itself, since
+  such a step takes flat batches. The result keeps the iterator protocol: ``get_state`` is the wrapped iterator's
+  position after the last batch of the last group handed out, ``set_state`` repositions it. A group the wrapped
+  iterator cannot fill ends the iteration.
+
+  >>> ds = ArrayDataset(np.zeros((10, 2, 2, 1), np.uint8), np.arange(10) % 2, num_classes=2)
+  >>> batches = stack(BatchIterator(ds, batch_size=2, train=True, process_index=0, process_count=1), 3)
+  >>> next(batches)["image"].shape, batches.get_state()["step"]
+  ((3, 2, 2, 2, 1), 3)
+  """
+  if steps == 1:
+    return iterator
+  return StackedBatches(iterator, steps)
+
+
+def _state_of(iterator: Any) -> dict[str, Any] | None:
+  return dict(iterator.get_state()) if hasattr(iterator, "get_state") else None
+
+
+def _set_state_of(iterator: Any, state: Mapping[str, Any]) -> None:
+  if not hasattr(iterator, "set_state"):
+    raise TypeError(f"{type(iterator).__name__} has no set_state: its position cannot be restored.")
+  iterator.set_state(state)
 
 
 class _End:
@@ -462,48 +505,38 @@ class _End:
 class DevicePrefetcher:
   """Assembles batches in a background thread and places them on devices ``size`` batches ahead.
 
-  Placement follows the iterator's layout:
+  Each batch is placed with ``placement.put_batch`` (stacked ``[steps, batch, ...]`` groups from :func:`stack`
+  with ``stacked=True``), the layout the train step of that placement takes as it is; without a placement it
+  goes to the default device with ``jax.device_put``.
 
-  * ``'pmap'``: axis 0 split over the iterator's local devices (what ``jax.pmap`` expects;
-    flax's ``jax_utils.prefetch_to_device`` does the same);
-  * ``'flat'`` with ``sharding``: a global array from this process's rows,
-    ``jax.make_array_from_process_local_data(sharding, batch)`` (for ``jit``/``shard_map``
-    over a mesh, multi-process included);
-  * ``'flat'`` without: ``jax.device_put`` to the default device.
-
-  :meth:`get_state` is the position after the last batch handed out, not after the ones
-  sitting in the buffer, so checkpoints resume exactly.
+  The thread starts on the first ``next``. Until then :meth:`set_state` repositions the wrapped iterator, so a
+  prefetcher can be handed to :func:`jaxkd.trainer.fit`, which restores a checkpoint's position before it
+  iterates; after that the batches read ahead would be wrong and :meth:`set_state` raises. :meth:`get_state` is
+  the position after the last batch handed out, not after the ones sitting in the buffer, so checkpoints resume
+  exactly.
 
   Args:
     iterator: the host iterator; owned by the prefetcher from now on.
+    placement: where the batches go: the train step's ``step.placement``.
     size: batches placed ahead of the consumer.
-    sharding: for ``'flat'`` batches, the sharding of the global batch.
   """
 
-  def __init__(self, iterator: BatchIterator, *, size: int = 2, sharding: jax.sharding.Sharding | None = None):
+  def __init__(self, iterator: Iterator[Mapping[str, Any]], *, placement: Placement | None = None, size: int = 2):
     if size < 1:
       raise ValueError(f"size must be >= 1, got {size}.")
     self._iterator = iterator
-    self._state = iterator.get_state()
-    if iterator.layout == "pmap":
-      if sharding is not None:
-        raise ValueError("sharding is for layout='flat'; 'pmap' batches are split over the local devices.")
-      devices = jax.local_devices()[: iterator.num_devices]
-      if len(devices) < iterator.num_devices:
-        raise ValueError(f"the iterator splits batches over {iterator.num_devices} devices; only {len(devices)} here.")
-      mesh = jax.sharding.Mesh(np.array(devices), ("devices",))
-      pmap_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("devices"))
-      # One device_put for the whole dict: a call per array costs more Python time than a
-      # small MLP's step leaves to spare.
-      self._put = lambda batch: jax.device_put(batch, pmap_sharding)
-    elif sharding is not None:
-      self._put = lambda batch: jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
-    else:
-      self._put = jax.device_put
+    self._state = _state_of(iterator)
+    self.stacked_steps = getattr(iterator, "stacked_steps", 1)
+    self.placement = placement
     self._queue: queue.Queue = queue.Queue(maxsize=size)
     self._stop = threading.Event()
-    self._thread = threading.Thread(target=self._work, name="jaxkd-prefetch", daemon=True)
-    self._thread.start()
+    self._thread: threading.Thread | None = None
+
+  def _put(self, batch: Mapping[str, Any]) -> Any:
+    if self.placement is None:
+      # One device_put for the whole dict: a call per array costs more Python time than a small MLP's step.
+      return jax.device_put(batch)
+    return self.placement.put_batch(batch, stacked=self.stacked_steps > 1)
 
   def _offer(self, item: Any) -> bool:
     while not self._stop.is_set():
@@ -517,16 +550,35 @@ class DevicePrefetcher:
   def _work(self) -> None:
     try:
       for batch in self._iterator:
-        state = self._iterator.get_state()
+        state = _state_of(self._iterator)
         if not self._offer((self._put(batch), state)):
           return
       self._offer(_End())
     except BaseException as e:  # Re-raised in the consumer's thread, where it can be handled.
       self._offer(e)
 
-  def get_state(self) -> dict[str, Any]:
-    """Position after the last batch returned by ``next``."""
-    return dict(self._state)
+  @property
+  def started(self) -> bool:
+    """Whether the background thread has started reading ahead."""
+    return self._thread is not None
+
+  def get_state(self) -> dict[str, Any] | None:
+    """Position after the last batch returned by ``next`` (None if the wrapped iterator has no ``get_state``)."""
+    return None if self._state is None else dict(self._state)
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    """Repositions the wrapped iterator; only before the first ``next``.
+
+    Raises:
+      RuntimeError: the prefetcher has already started reading ahead.
+    """
+    if self.started:
+      raise RuntimeError(
+        "DevicePrefetcher.set_state after the first next(): the batches already read ahead come from the old "
+        "position. Call set_state before iterating (fit does), or wrap a repositioned iterator in a new prefetcher."
+      )
+    _set_state_of(self._iterator, state)
+    self._state = _state_of(self._iterator)
 
   def __iter__(self) -> Iterator[dict[str, jax.Array]]:
     return self
@@ -534,6 +586,9 @@ class DevicePrefetcher:
   def __next__(self) -> dict[str, jax.Array]:
     if self._stop.is_set():
       raise StopIteration
+    if self._thread is None:
+      self._thread = threading.Thread(target=self._work, name="jaxkd-prefetch", daemon=True)
+      self._thread.start()
     item = self._queue.get()
     if isinstance(item, _End):
       self._stop.set()
@@ -545,9 +600,10 @@ class DevicePrefetcher:
     return batch
 
   def close(self) -> None:
-    """Stops the background thread; buffered batches are dropped."""
+    """Stops the background thread (if it started); buffered batches are dropped."""
     self._stop.set()
-    self._thread.join()
+    if self._thread is not None:
+      self._thread.join()
 
   def __enter__(self) -> DevicePrefetcher:
     return self

@@ -1,23 +1,23 @@
-"""Multi-process (multi-host) start-up and data placement for the train step.
+"""Multi-process (multi-host) start-up and the rows each process feeds to the train step.
 
-Every process runs the same program. Call :func:`initialize` first, before
-anything touches a JAX device; then each process feeds only its own rows of
-each global batch:
+Every process runs the same program. Call :func:`initialize` first, before anything touches a JAX device; then
+each process feeds only its own rows of each global batch, flat ``{key: [rows, ...]}``, and the step's
+:class:`jaxkd.Placement` lays them out: :meth:`~jaxkd.Placement.data_parallel` assembles one global array over
+every process's devices (:func:`jax.make_array_from_process_local_data`), :meth:`~jaxkd.Placement.pmap` splits
+them over this process's devices and ``jax.pmap`` joins the processes.
 
-* ``pmap``: each process passes its rows laid out ``[local_devices, per_device, ...]``
-  and ``jax.pmap`` stitches the processes together;
-* ``shard_map``: each process passes its rows and
-  :func:`jax.make_array_from_process_local_data` assembles one global array.
-
-:func:`process_batch_slice` names the rows, :func:`assemble_batch` does the layout.
+:func:`process_batch_slice` names the rows, :func:`process_rows` takes them from a batch every process holds
+whole, and :func:`assemble_batch` (``placement.put_batch``) places them ahead of the step, which otherwise does it.
 
 Example (two processes, each started with its own ``JAXKD_PROCESS_ID``)::
 
   JAXKD_COORDINATOR_ADDRESS=10.0.0.1:1234 JAXKD_NUM_PROCESSES=2 JAXKD_PROCESS_ID=0 python train.py
 
   jaxkd.distributed.initialize()
-  rows = jaxkd.distributed.process_batch_slice(global_batch_size)
-  batch = jaxkd.distributed.assemble_batch(jax.tree.map(lambda x: x[rows], global_batch), parallel="pmap")
+  step = jaxkd.make_train_step(teacher_apply_fn=teacher.apply, placement=jaxkd.Placement.data_parallel())
+  state, teacher_variables = step.placement.put(state), step.placement.put(teacher_variables)
+  for global_batch in batches:
+    state, metrics = step(state, teacher_variables, jaxkd.distributed.process_rows(global_batch))
 """
 
 from __future__ import annotations
@@ -29,9 +29,8 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh
 
-from jaxkd import train
+from jaxkd.placement import Placement, as_placement
 
 __all__ = ["initialize", "process_batch_slice", "process_rows", "assemble_batch"]
 
@@ -159,8 +158,8 @@ def process_batch_slice(
   """The contiguous rows of a global batch that this process feeds.
 
   Process ``p`` of ``n`` feeds rows ``[p * b / n, (p + 1) * b / n)``: the rows
-  that land on its devices for ``pmap`` and for a mesh from
-  :func:`jaxkd.train.make_mesh` (devices in process order).
+  that land on its devices for ``pmap`` and for the mesh of
+  :meth:`jaxkd.Placement.data_parallel` (devices in process order).
 
   Raises:
     ValueError: when ``global_batch_size`` does not divide over the processes.
@@ -182,23 +181,18 @@ def process_rows(global_batch: Any) -> Any:
   return jax.tree.map(lambda x: x[rows], global_batch)
 
 
-def assemble_batch(
-  local_batch: Any, *, parallel: str = "pmap", mesh: Mesh | None = None, axis_name: str = "batch"
-) -> Any:
-  """Lays out this process's rows for the train and eval steps.
+def assemble_batch(local_batch: Any, placement: Placement | str | None = None) -> Any:
+  """Places this process's rows for the train and eval steps: ``placement.put_batch(local_batch)``.
+
+  The step places NumPy rows itself; placing them ahead (e.g. in a background thread, as
+  :class:`jaxkd.data.DevicePrefetcher` does) takes the transfer off the step's critical path.
 
   Args:
-    local_batch: this process's rows, flat ``[local_batch, ...]`` host arrays.
-    parallel: ``'pmap'`` gives ``[local_devices, per_device, ...]`` host-local arrays;
-      ``'shard_map'`` a global array sharded along ``axis_name`` of ``mesh``;
-      ``'single'`` returns the batch unchanged (one process only).
-    mesh: for ``'shard_map'``; defaults to :func:`jaxkd.train.make_mesh`.
-    axis_name: the mesh axis the batch is sharded along.
+    local_batch: this process's rows, flat ``{key: [rows, ...]}`` host arrays.
+    placement: the step's placement (``step.placement``) or its shorthand (see :func:`jaxkd.placement.as_placement`).
+
+  Returns:
+    pmap: ``[local_devices, rows // local_devices, ...]`` arrays on this process's devices; otherwise global arrays
+    sharded along the placement's data axis.
   """
-  if parallel == "pmap":
-    return train.split_for_pmap(local_batch)
-  if parallel == "shard_map":
-    return train.shard_batch(local_batch, mesh if mesh is not None else train.make_mesh(axis_name), axis_name)
-  if parallel == "single":
-    return local_batch
-  raise ValueError(f"parallel must be 'pmap', 'shard_map' or 'single', got {parallel!r}.")
+  return as_placement(placement).put_batch(local_batch)

@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxkd.losses import _as_float, _safe_norm
+from jaxkd._checks import check_feature_pair, check_features, check_same_positions
+from jaxkd._numerics import as_float, safe_norm
 
 __all__ = [
   "HintRegressor",
@@ -37,35 +38,13 @@ __all__ = [
 ]
 
 
-def _check_features(x: jax.Array, name: str, min_ndim: int = 2) -> None:
-  if x.ndim < min_ndim:
-    raise ValueError(f"{name} must have at least {min_ndim} axes ([batch, ..., channels]), got shape {tuple(x.shape)}.")
-
-
-def _check_same_shape(student: jax.Array, teacher: jax.Array, student_name: str, teacher_name: str) -> None:
-  if student.shape != teacher.shape:
-    raise ValueError(
-      f"{student_name} and {teacher_name} must have the same shape, got {student_name} {tuple(student.shape)} and "
-      f"{teacher_name} {tuple(teacher.shape)}."
-    )
-
-
-def _check_same_positions(student: jax.Array, teacher: jax.Array, what: str = "features") -> None:
-  """Batch and spatial axes must agree; channel counts may differ."""
-  if student.ndim != teacher.ndim or student.shape[:-1] != teacher.shape[:-1]:
-    raise ValueError(
-      f"student and teacher {what} must agree on all but the channel axis, got student {tuple(student.shape)} and "
-      f"teacher {tuple(teacher.shape)}."
-    )
-
-
 def _per_example_mean(x: jax.Array) -> jax.Array:
   return jnp.mean(x.reshape(x.shape[0], -1), axis=-1)
 
 
 def _l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
   """``x / max(||x||, eps)`` with a finite gradient at the zero vector (``torch.nn.functional.normalize``)."""
-  return x / jnp.maximum(_safe_norm(x, axis=axis, keepdims=True), eps)
+  return x / jnp.maximum(safe_norm(x, axis=axis, keepdims=True), eps)
 
 
 # ---------------------------------------------------------------- FitNet
@@ -126,10 +105,10 @@ def fitnet_loss(student_regressed: jax.typing.ArrayLike, teacher_features: jax.t
     Romero, Ballas, Kahou, Chassang, Gatta and Bengio, *FitNets: Hints for Thin Deep Nets*, ICLR 2015.
     https://arxiv.org/abs/1412.6550
   """
-  student_regressed = _as_float(student_regressed)
-  teacher_features = jax.lax.stop_gradient(_as_float(teacher_features))
-  _check_same_shape(student_regressed, teacher_features, "student_regressed", "teacher_features")
-  _check_features(student_regressed, "student_regressed")
+  student_regressed = as_float(student_regressed)
+  teacher_features = jax.lax.stop_gradient(as_float(teacher_features))
+  check_feature_pair(student_regressed, teacher_features, "student_regressed", "teacher_features")
+  check_features(student_regressed, "student_regressed")
   return _per_example_mean(jnp.square(student_regressed - teacher_features))
 
 
@@ -161,8 +140,8 @@ def attention_map(features: jax.typing.ArrayLike, *, p: float = 2.0) -> jax.Arra
     Zagoruyko and Komodakis, *Paying More Attention to Attention*, ICLR 2017.
     https://arxiv.org/abs/1612.03928
   """
-  features = _as_float(features)
-  _check_features(features, "features", min_ndim=3)
+  features = as_float(features)
+  check_features(features, "features", min_ndim=3)
   if not p > 0:
     raise ValueError(f"p must be > 0, got {p!r}.")
   magnitude = features * features if p == 2 else jnp.abs(features) ** p
@@ -201,9 +180,9 @@ def attention_transfer_loss(
     Zagoruyko and Komodakis, *Paying More Attention to Attention*, ICLR 2017.
     https://arxiv.org/abs/1612.03928
   """
-  student_features = _as_float(student_features)
-  teacher_features = jax.lax.stop_gradient(_as_float(teacher_features))
-  _check_same_positions(student_features, teacher_features)
+  student_features = as_float(student_features)
+  teacher_features = jax.lax.stop_gradient(as_float(teacher_features))
+  check_same_positions(student_features, teacher_features)
   difference = attention_map(student_features, p=p) - attention_map(teacher_features, p=p)
   return jnp.mean(jnp.square(difference), axis=-1)
 
@@ -251,10 +230,10 @@ def nst_loss(
     Huang and Wang, *Like What You Like: Knowledge Distill via Neuron Selectivity Transfer*, 2017.
     https://arxiv.org/abs/1707.01219
   """
-  student_features = _as_float(student_features)
-  teacher_features = jax.lax.stop_gradient(_as_float(teacher_features))
-  _check_same_positions(student_features, teacher_features)
-  _check_features(student_features, "student_features", min_ndim=3)
+  student_features = as_float(student_features)
+  teacher_features = jax.lax.stop_gradient(as_float(teacher_features))
+  check_same_positions(student_features, teacher_features)
+  check_features(student_features, "student_features", min_ndim=3)
   if not (isinstance(degree, int) and degree >= 1):
     raise ValueError(f"degree must be an integer >= 1, got {degree!r}.")
 
@@ -294,9 +273,9 @@ def fsp_matrix(first_features: jax.typing.ArrayLike, second_features: jax.typing
     Yim, Joo, Bae and Kim, *A Gift from Knowledge Distillation: Fast Optimization, Network Minimization and
     Transfer Learning*, CVPR 2017.
   """
-  first_features = _as_float(first_features)
-  second_features = _as_float(second_features)
-  _check_features(first_features, "first_features", min_ndim=3)
+  first_features = as_float(first_features)
+  second_features = as_float(second_features)
+  check_features(first_features, "first_features", min_ndim=3)
   if first_features.ndim != second_features.ndim or first_features.shape[:-1] != second_features.shape[:-1]:
     raise ValueError(
       f"the two layers of an FSP matrix must agree on all but the channel axis, got {tuple(first_features.shape)} "
@@ -441,11 +420,11 @@ def vid_loss(
     Ahn, Hu, Damianou, Lawrence and Dai, *Variational Information Distillation for Knowledge Transfer*,
     CVPR 2019. https://arxiv.org/abs/1904.05835
   """
-  mean = _as_float(mean)
-  variance = _as_float(variance)
-  teacher_features = jax.lax.stop_gradient(_as_float(teacher_features))
-  _check_same_shape(mean, teacher_features, "mean", "teacher_features")
-  _check_features(mean, "mean")
+  mean = as_float(mean)
+  variance = as_float(variance)
+  teacher_features = jax.lax.stop_gradient(as_float(teacher_features))
+  check_feature_pair(mean, teacher_features, "mean", "teacher_features")
+  check_features(mean, "mean")
   try:
     np.broadcast_shapes(variance.shape, mean.shape)
   except ValueError:

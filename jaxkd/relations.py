@@ -1,4 +1,4 @@
-"""Relation-based distillation: losses on the relations between the examples of a batch, plus CRD.
+"""Relation-based distillation: losses on the relations between the examples of a batch.
 
 The relation losses (similarity-preserving, RKD, PKT, correlation congruence) compare batch×batch (or
 batch×batch×batch) structures, so each returns **one scalar per batch**, already averaged: do not reduce it again.
@@ -16,25 +16,21 @@ with ``pmap`` and named ``vmap``; under ``shard_map`` the values agree too.
 ``where`` is an optional boolean *example* mask of shape ``[batch]`` (e.g. padding in the last batch): False examples
 are left out of every relation, as if sliced away, and get zero gradient whatever their features hold.
 
-CRD (Tian et al. 2020) is different: a per-example contrastive loss against a memory bank of past embeddings,
-kept as a plain pytree (:class:`CRDMemory`) in the train state and updated by the pure :func:`crd_update_memory`.
-
 RepDistiller's loss weights (Tian et al. 2020), for reference: SP 3000, RKD 1 (with distance 25 and angle 50
-inside), PKT 30000, CC 0.02 (for its own simplified CC, not the kernel form here), CRD 0.8.
+inside), PKT 30000, CC 0.02 (for its own simplified CC, not the kernel form here).
+
+CRD, a per-example contrastive loss against a memory bank, is in :mod:`jaxkd.crd`.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
-from typing import Any, NamedTuple
+from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jaxkd.losses import _as_float, _cross_entropy_terms, _safe_norm
+from jaxkd._numerics import as_float, cross_entropy_terms, safe_norm
 
 __all__ = [
   "similarity_preserving_loss",
@@ -43,18 +39,11 @@ __all__ = [
   "rkd_loss",
   "pkt_loss",
   "cc_loss",
-  "CRDHeads",
-  "CRDMemory",
-  "crd_init_memory",
-  "crd_sample_contrast_indices",
-  "crd_log_normalizers",
-  "crd_loss",
-  "crd_update_memory",
 ]
 
 
 def _l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
-  return x / jnp.maximum(_safe_norm(x, axis=axis, keepdims=True), eps)
+  return x / jnp.maximum(safe_norm(x, axis=axis, keepdims=True), eps)
 
 
 def _prepare(
@@ -64,8 +53,8 @@ def _prepare(
   axis_name: Any,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Float32, teacher under stop_gradient, flattened to [batch, features], masked rows zeroed, gathered."""
-  student = _as_float(student)
-  teacher = jax.lax.stop_gradient(_as_float(teacher))
+  student = as_float(student)
+  teacher = jax.lax.stop_gradient(as_float(teacher))
   if student.ndim < 2 or teacher.ndim < 2 or student.shape[0] != teacher.shape[0]:
     raise ValueError(
       f"student and teacher must be [batch, ...] with the same batch size, got student {tuple(student.shape)} and "
@@ -360,7 +349,7 @@ def pkt_loss(
   pairs = _pair_mask(mask, diagonal=False)
 
   def log_conditionals(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    x = x / (_safe_norm(x, keepdims=True) + eps)
+    x = x / (safe_norm(x, keepdims=True) + eps)
     kernel = jnp.where(pairs, 0.5 * (x @ x.T + 1.0), 0.0)  # [anchor, other]
     kernel = jnp.maximum(kernel, 0.0)  # rounding can leave a cosine a hair below -1
     totals = jnp.sum(kernel, axis=-1, keepdims=True)
@@ -371,7 +360,7 @@ def pkt_loss(
   teacher_probs, teacher_log_probs = log_conditionals(teacher)
   _, student_log_probs = log_conditionals(student)
   kl = jnp.sum(
-    _cross_entropy_terms(teacher_probs, teacher_log_probs) - _cross_entropy_terms(teacher_probs, student_log_probs),
+    cross_entropy_terms(teacher_probs, teacher_log_probs) - cross_entropy_terms(teacher_probs, student_log_probs),
     axis=-1,
   )  # [anchor]
   return _masked_mean(kl, mask)
@@ -444,314 +433,3 @@ def cc_loss(
   pairs = _pair_mask(mask, diagonal=True)
   count = jnp.maximum(jnp.sum(mask), 1).astype(student.dtype)
   return jnp.sum(jnp.where(pairs, jnp.square(correlation(teacher) - correlation(student)), 0.0)) / count**2
-
-
-# ---------------------------------------------------------------- contrastive representation distillation
-
-
-class CRDMemory(NamedTuple):
-  """CRD's memory bank: one L2-normalised embedding per training example, for each side.
-
-  A plain pytree, so it can live in the train state, be checkpointed and be
-  updated inside the jitted step with :func:`crd_update_memory`.
-
-  Attributes:
-    student: ``[num_data, embed_dim]`` past student embeddings.
-    teacher: ``[num_data, embed_dim]`` past teacher embeddings.
-  """
-
-  student: jax.Array
-  teacher: jax.Array
-
-
-def crd_init_memory(rng: jax.Array, num_data: int, embed_dim: int = 128) -> CRDMemory:
-  """A fresh memory bank, uniform in :math:`[-s, s]` with :math:`s = 1/\\sqrt{d/3}` (rows of norm about 1).
-
-  Args:
-    rng: a ``jax.random.key``.
-    num_data: number of training examples (the dataset indices run over ``[0, num_data)``).
-    embed_dim: the embedding width :math:`d` (128 in the paper).
-
-  Returns:
-    A :class:`CRDMemory` of two float32 ``[num_data, embed_dim]`` arrays.
-
-  >>> import jax
-  >>> crd_init_memory(jax.random.key(0), 10, 4).student.shape
-  (10, 4)
-  """
-  scale = 1.0 / math.sqrt(embed_dim / 3.0)
-  student_rng, teacher_rng = jax.random.split(rng)
-  shape = (num_data, embed_dim)
-  return CRDMemory(
-    student=jax.random.uniform(student_rng, shape, jnp.float32, -scale, scale),
-    teacher=jax.random.uniform(teacher_rng, shape, jnp.float32, -scale, scale),
-  )
-
-
-class CRDHeads(nn.Module):
-  """CRD's two embedding heads: a linear map of each side's flattened features to ``features``, L2-normalised.
-
-  Both heads are trained (with the student); the teacher's *features* are put
-  under ``stop_gradient`` here, so no gradient reaches the teacher network.
-
-  Attributes:
-    features: embedding width (128 in the paper).
-    dtype: computation dtype; parameters and outputs are float32.
-
-  Returns from ``__call__(student_features, teacher_features)``: ``(student_embed,
-  teacher_embed)``, each ``[batch, features]`` with unit rows.
-  """
-
-  features: int = 128
-  dtype: jnp.dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, student_features: jax.Array, teacher_features: jax.Array) -> tuple[jax.Array, jax.Array]:
-    teacher_features = jax.lax.stop_gradient(teacher_features)
-    student_features = student_features.reshape(student_features.shape[0], -1)
-    teacher_features = teacher_features.reshape(teacher_features.shape[0], -1)
-    student_embed = nn.Dense(self.features, dtype=self.dtype, name="student_embed")(student_features)
-    teacher_embed = nn.Dense(self.features, dtype=self.dtype, name="teacher_embed")(teacher_features)
-    return _l2_normalize(_as_float(student_embed)), _l2_normalize(_as_float(teacher_embed))
-
-
-def crd_sample_contrast_indices(
-  rng: jax.Array, indices: jax.typing.ArrayLike, *, num_negatives: int = 16384, num_data: int
-) -> jax.Array:
-  """Contrast indices for :func:`crd_loss`: each example's own index, then ``num_negatives`` others.
-
-  Negatives are drawn uniformly with replacement from the other
-  ``num_data - 1`` examples (the paper draws from all ``num_data``; excluding
-  the positive removes false negatives at no cost).
-
-  Args:
-    rng: a ``jax.random.key``.
-    indices: integer dataset indices ``[batch]`` of the batch's examples.
-    num_negatives: :math:`K` (16384 in the paper).
-    num_data: number of training examples.
-
-  Returns:
-    int32 ``[batch, 1 + num_negatives]``, column 0 holding ``indices``.
-
-  >>> import jax, jax.numpy as jnp
-  >>> crd_sample_contrast_indices(jax.random.key(0), jnp.array([3, 7]), num_negatives=5, num_data=10).shape
-  (2, 6)
-  """
-  indices = jnp.asarray(indices)
-  if not jnp.issubdtype(indices.dtype, jnp.integer) or indices.ndim != 1:
-    raise ValueError(f"indices must be integer dataset indices of shape [batch], got {indices.dtype} {indices.shape}.")
-  if num_data < 2 or num_negatives < 1:
-    raise ValueError(f"need num_data >= 2 and num_negatives >= 1, got {num_data} and {num_negatives}.")
-  indices = indices.astype(jnp.int32)
-  negatives = jax.random.randint(rng, (indices.shape[0], num_negatives), 0, num_data - 1, jnp.int32)
-  negatives = negatives + (negatives >= indices[:, None])  # skip the positive
-  return jnp.concatenate([indices[:, None], negatives], axis=1)
-
-
-def _crd_scores(
-  student_embed: jax.typing.ArrayLike,
-  teacher_embed: jax.typing.ArrayLike,
-  memory: CRDMemory,
-  contrast_indices: jax.typing.ArrayLike,
-  temperature: Any,
-) -> tuple[jax.Array, jax.Array]:
-  student_embed = _as_float(student_embed)
-  teacher_embed = _as_float(teacher_embed)
-  contrast_indices = jnp.asarray(contrast_indices)
-  if student_embed.ndim != 2 or student_embed.shape != teacher_embed.shape:
-    raise ValueError(
-      f"student_embed and teacher_embed must both be [batch, embed_dim], got {tuple(student_embed.shape)} and "
-      f"{tuple(teacher_embed.shape)}."
-    )
-  memory_shape = tuple(np.shape(memory.student))
-  if memory_shape != tuple(np.shape(memory.teacher)) or memory_shape[1:] != student_embed.shape[1:]:
-    raise ValueError(
-      f"memory banks must be [num_data, embed_dim] with embed_dim {student_embed.shape[1]}, got student "
-      f"{memory_shape} and teacher {tuple(np.shape(memory.teacher))}."
-    )
-  if (
-    not jnp.issubdtype(contrast_indices.dtype, jnp.integer)
-    or contrast_indices.ndim != 2
-    or contrast_indices.shape[0] != student_embed.shape[0]
-    or contrast_indices.shape[1] < 2
-  ):
-    raise ValueError(
-      f"contrast_indices must be integer [batch, 1 + num_negatives] = ({student_embed.shape[0]}, >= 2), got "
-      f"{contrast_indices.dtype} {tuple(contrast_indices.shape)}."
-    )
-  if isinstance(temperature, numbers.Number) and not temperature > 0:
-    raise ValueError(f"temperature must be > 0, got {temperature!r}.")
-  student_memory = jax.lax.stop_gradient(_as_float(memory.student))[contrast_indices]  # [batch, 1 + K, embed_dim]
-  teacher_memory = jax.lax.stop_gradient(_as_float(memory.teacher))[contrast_indices]
-  # The student's embedding is contrasted with the teacher's memory, and the teacher's with the student's.
-  student_scores = jnp.einsum("bkd,bd->bk", teacher_memory, student_embed) / temperature
-  teacher_scores = jnp.einsum("bkd,bd->bk", student_memory, teacher_embed) / temperature
-  return student_scores, teacher_scores
-
-
-def _log_normalizer(scores: jax.Array, num_data: int) -> jax.Array:
-  """log Z with Z = num_data · mean(exp(scores)): the authors' Monte-Carlo estimate of the partition function."""
-  return jax.lax.stop_gradient(math.log(num_data) + jax.nn.logsumexp(scores) - math.log(scores.size))
-
-
-def crd_log_normalizers(
-  student_embed: jax.typing.ArrayLike,
-  teacher_embed: jax.typing.ArrayLike,
-  memory: CRDMemory,
-  contrast_indices: jax.typing.ArrayLike,
-  *,
-  temperature: jax.typing.ArrayLike = 0.07,
-) -> tuple[jax.Array, jax.Array]:
-  r"""The batch's estimates of :math:`\log Z` for the two NCE terms of :func:`crd_loss`.
-
-  :math:`Z = N \cdot \mathrm{mean}\, \exp(s / \tau)` over the batch's scores,
-  under ``stop_gradient``. The authors compute it once, on the first batch,
-  and keep it fixed: call this on the first batch, store the pair in the train
-  state and pass it as ``log_normalizers``.
-
-  Args:
-    student_embed: ``[batch, embed_dim]``.
-    teacher_embed: ``[batch, embed_dim]``.
-    memory: the :class:`CRDMemory`.
-    contrast_indices: ``[batch, 1 + num_negatives]``.
-    temperature: :math:`\tau > 0`.
-
-  Returns:
-    ``(log_z_student, log_z_teacher)``, float32 scalars.
-  """
-  student_scores, teacher_scores = _crd_scores(student_embed, teacher_embed, memory, contrast_indices, temperature)
-  num_data = memory.student.shape[0]
-  return _log_normalizer(student_scores, num_data), _log_normalizer(teacher_scores, num_data)
-
-
-def crd_loss(
-  student_embed: jax.typing.ArrayLike,
-  teacher_embed: jax.typing.ArrayLike,
-  memory: CRDMemory,
-  contrast_indices: jax.typing.ArrayLike,
-  *,
-  temperature: jax.typing.ArrayLike = 0.07,
-  log_normalizers: tuple[jax.typing.ArrayLike, jax.typing.ArrayLike] | None = None,
-) -> jax.Array:
-  r"""CRD: NCE contrastive loss of each embedding against the other side's memory bank, per example.
-
-  For the student's embedding :math:`s_i` against the teacher's memory rows
-  :math:`m_k` at ``contrast_indices[i]`` (:math:`k = 0` the positive, the
-  example's own row; :math:`K` negatives), with
-  :math:`P_k = \exp(m_k^\top s_i / \tau) / Z` and the noise term
-  :math:`K P_n = K / N`:
-
-  .. math::
-    \ell^s_i = -\log \frac{P_0}{P_0 + K / N} - \sum_{k=1}^{K} \log \frac{K / N}{P_k + K / N}
-
-  and symmetrically :math:`\ell^t_i` for the teacher's embedding against the
-  student's memory; the loss is :math:`\ell^s_i + \ell^t_i`. It is computed in
-  log space (the authors add :math:`10^{-7}` inside the logarithms instead).
-  With ``log_normalizers=None``, :math:`Z` is estimated on each batch (see
-  :func:`crd_log_normalizers`, which gives the authors' fixed-from-the-first-
-  batch variant). Memory banks get no gradient; both embeddings do (both heads
-  of :class:`CRDHeads` are trained). Paper's settings: ``embed_dim=128``,
-  :math:`K = 16384`, :math:`\tau = 0.07`, momentum 0.5, weight 0.8 next to the
-  cross-entropy at weight 1.
-
-  Args:
-    student_embed: ``[batch, embed_dim]`` unit rows, from :class:`CRDHeads`.
-    teacher_embed: ``[batch, embed_dim]`` unit rows.
-    memory: the :class:`CRDMemory`, ``[num_data, embed_dim]`` each.
-    contrast_indices: integer ``[batch, 1 + K]``, column 0 the examples' own
-      dataset indices (:func:`crd_sample_contrast_indices`).
-    temperature: :math:`\tau > 0`.
-    log_normalizers: optional fixed ``(log_z_student, log_z_teacher)``.
-
-  Returns:
-    Per-example loss of shape ``[batch]``, float32.
-
-  >>> import jax, jax.numpy as jnp
-  >>> memory = crd_init_memory(jax.random.key(0), 8, 4)
-  >>> embed = jnp.eye(4)[:2]
-  >>> crd_loss(embed, embed, memory, jnp.array([[0, 1, 2], [1, 0, 3]])).shape
-  (2,)
-
-  References:
-    Tian, Krishnan and Isola, *Contrastive Representation Distillation*, ICLR 2020.
-    https://arxiv.org/abs/1910.10699
-  """
-  student_scores, teacher_scores = _crd_scores(student_embed, teacher_embed, memory, contrast_indices, temperature)
-  num_data = memory.student.shape[0]
-  num_negatives = student_scores.shape[1] - 1
-  log_noise = math.log(num_negatives / num_data)  # log(K P_n)
-  if log_normalizers is None:
-    log_normalizers = (_log_normalizer(student_scores, num_data), _log_normalizer(teacher_scores, num_data))
-
-  def nce(scores: jax.Array, log_z: jax.typing.ArrayLike) -> jax.Array:
-    log_probs = scores - jax.lax.stop_gradient(jnp.asarray(log_z, scores.dtype))  # log P_k
-    positive = log_probs[:, 0] - jnp.logaddexp(log_probs[:, 0], log_noise)
-    negatives = jnp.sum(log_noise - jnp.logaddexp(log_probs[:, 1:], log_noise), axis=-1)
-    return -(positive + negatives)
-
-  return nce(student_scores, log_normalizers[0]) + nce(teacher_scores, log_normalizers[1])
-
-
-def crd_update_memory(
-  memory: CRDMemory,
-  indices: jax.typing.ArrayLike,
-  student_embed: jax.typing.ArrayLike,
-  teacher_embed: jax.typing.ArrayLike,
-  *,
-  momentum: float = 0.5,
-  axis_name: Any = None,
-) -> CRDMemory:
-  r"""Momentum update of the rows of the batch's examples, renormalised to unit length.
-
-  .. math::
-    m_{y_i} \leftarrow \frac{\mu\, m_{y_i} + (1 - \mu)\, e_i}{\|\mu\, m_{y_i} + (1 - \mu)\, e_i\|_2}
-
-  for each side's bank and embedding (under ``stop_gradient``). Pure: returns
-  a new :class:`CRDMemory`; under ``jit`` with the state donated the update is
-  in place. With ``axis_name`` the indices and embeddings are gathered over
-  that axis first, so every device applies the same global-batch update and
-  the replicated banks stay identical. Indices should be distinct within a
-  (global) batch; for repeated indices one of the updates wins.
-
-  Args:
-    memory: the :class:`CRDMemory`.
-    indices: integer dataset indices ``[batch]``.
-    student_embed: ``[batch, embed_dim]``.
-    teacher_embed: ``[batch, embed_dim]``.
-    momentum: :math:`\mu \in [0, 1)` (0.5 in the paper).
-    axis_name: optional named axis to gather the global batch over.
-
-  Returns:
-    The updated :class:`CRDMemory`.
-
-  >>> import jax, jax.numpy as jnp
-  >>> memory = CRDMemory(jnp.zeros((3, 2)), jnp.zeros((3, 2)))
-  >>> crd_update_memory(memory, jnp.array([1]), jnp.array([[3.0, 4.0]]), jnp.array([[0.0, 2.0]])).student
-  Array([[0. , 0. ],
-         [0.6, 0.8],
-         [0. , 0. ]], dtype=float32)
-  """
-  if isinstance(momentum, numbers.Number) and not 0.0 <= momentum < 1.0:
-    raise ValueError(f"momentum must be in [0, 1), got {momentum!r}.")
-  indices = jnp.asarray(indices)
-  student_embed = jax.lax.stop_gradient(_as_float(student_embed))
-  teacher_embed = jax.lax.stop_gradient(_as_float(teacher_embed))
-  if not jnp.issubdtype(indices.dtype, jnp.integer) or indices.ndim != 1:
-    raise ValueError(f"indices must be integer dataset indices of shape [batch], got {indices.dtype} {indices.shape}.")
-  for name, embed, bank in [("student", student_embed, memory.student), ("teacher", teacher_embed, memory.teacher)]:
-    if embed.shape != (indices.shape[0], np.shape(bank)[1]):
-      raise ValueError(
-        f"{name}_embed must be [batch, embed_dim] = ({indices.shape[0]}, {np.shape(bank)[1]}), got "
-        f"{tuple(embed.shape)}."
-      )
-  if axis_name is not None:
-    indices, student_embed, teacher_embed = jax.lax.all_gather(
-      (indices, student_embed, teacher_embed), axis_name, tiled=True
-    )
-
-  def update(bank: jax.Array, embed: jax.Array) -> jax.Array:
-    bank = jnp.asarray(bank)
-    rows = momentum * bank[indices].astype(embed.dtype) + (1.0 - momentum) * embed
-    return bank.at[indices].set(_l2_normalize(rows).astype(bank.dtype))
-
-  return CRDMemory(student=update(memory.student, student_embed), teacher=update(memory.teacher, teacher_embed))

@@ -13,16 +13,17 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+from jaxkd import state as state_lib  # noqa: E402
 from jaxkd import train, trainer  # noqa: E402
 from jaxkd.models import MLP  # noqa: E402
 
 
 class ArrayIterator:
-  """Deterministic shuffled batches of in-memory arrays with a saveable position."""
+  """Deterministic shuffled batches of in-memory arrays (flat rows) with a saveable position."""
 
-  def __init__(self, images, labels, batch_size, *, seed=0, devices=4, delay=0.0):
+  def __init__(self, images, labels, batch_size, *, seed=0, delay=0.0):
     self.images, self.labels = images, labels
-    self.batch_size, self.seed, self.devices, self.delay = batch_size, seed, devices, delay
+    self.batch_size, self.seed, self.delay = batch_size, seed, delay
     self.epoch, self.index = 0, 0
 
   def get_state(self):
@@ -43,26 +44,24 @@ class ArrayIterator:
     self.index += 1
     if self.delay:
       time.sleep(self.delay)
-    batch = {"image": self.images[rows], "label": self.labels[rows]}
-    return train.split_for_pmap(batch, self.devices)
+    return {"image": self.images[rows], "label": self.labels[rows]}
 
 
-def make_run(workdir, num_steps, *, delay=0.0, stop_after=None, log_every=5):
+def make_run(workdir, num_steps, *, delay=0.0, stop_after=None, log_every=5, placement="pmap"):
   rng = np.random.default_rng(0)
   images = rng.standard_normal((256, 4, 4, 1)).astype(np.float32)
   labels = (images.reshape(256, -1).sum(-1) > 0).astype(np.int32)
   teacher = MLP(hidden_sizes=(32,), num_classes=2)
   teacher_variables = teacher.init(jax.random.key(1), images[:1])
   student = MLP(hidden_sizes=(16,), num_classes=2, dropout_rate=0.2)
-  state = train.create_train_state(student, optax.adam(1e-2), images[:1], rng=3)
-  step = train.make_train_step(teacher_apply_fn=teacher.apply, temperature=2.0, alpha=0.7, parallel="pmap")
+  state = state_lib.create_train_state(student, optax.adam(1e-2), images[:1], rng=3)
+  step = train.make_train_step(teacher_apply_fn=teacher.apply, temperature=2.0, alpha=0.7, placement=placement)
   return trainer.fit(
     state,
     train_step=step,
     train_data=ArrayIterator(images, labels, 32, delay=delay),
     num_steps=num_steps,
     teacher_variables=teacher_variables,
-    parallel="pmap",
     workdir=workdir,
     checkpoint_every=7,
     log_every=log_every,

@@ -3,7 +3,7 @@
 Run as ``python tests/_multihost_worker.py OUT.npz`` with ``JAXKD_COORDINATOR_ADDRESS``,
 ``JAXKD_NUM_PROCESSES`` and ``JAXKD_PROCESS_ID`` set. Each process gets 2 CPU devices,
 feeds its own rows of fixed global batches to the pmap and the shard_map step, and
-writes the final student params (and eval sums) to OUT.npz. The test imports
+writes the final student params (and eval sums) to OUT.npz. Both placements get flat rows. The test imports
 :func:`setup` and :func:`global_batches` from here so that its one-process reference
 run uses the same model, optimizer and data.
 """
@@ -24,23 +24,23 @@ def setup():
   import numpy as np
   import optax
 
-  from jaxkd import train
+  from jaxkd import state as state_lib
   from jaxkd.models import MLP
 
   class Student(nn.Module):
-    """BatchNorm synchronised over 'batch', so any split of the batch gives the same numbers."""
+    """BatchNorm synchronised over the placements' data axis, so any split of the batch gives the same numbers."""
 
     @nn.compact
     def __call__(self, x, *, train: bool = False):
       x = x.reshape((x.shape[0], -1))
       x = nn.Dense(16)(x)
-      x = nn.BatchNorm(use_running_average=not train, momentum=0.9, axis_name="batch")(x)
+      x = nn.BatchNorm(use_running_average=not train, momentum=0.9, axis_name="data")(x)
       return nn.Dense(NUM_CLASSES)(nn.relu(x))
 
   teacher = MLP(hidden_sizes=(8,), num_classes=NUM_CLASSES)
   example = np.zeros((1, 4, 4, 1), np.float32)
   teacher_variables = teacher.init(jax.random.key(1), example)
-  state = train.create_train_state(Student(), optax.sgd(0.1, momentum=0.9), example, rng=jax.random.key(0))
+  state = state_lib.create_train_state(Student(), optax.sgd(0.1, momentum=0.9), example, rng=jax.random.key(0))
   step_kwargs = dict(teacher_apply_fn=teacher.apply, temperature=2.0, alpha=0.7)
   return state, teacher.apply, teacher_variables, step_kwargs
 
@@ -57,14 +57,6 @@ def global_batches():
     }
     for _ in range(NUM_STEPS)
   ]
-
-
-def _host_copy(tree):
-  """A NumPy copy of replicated (possibly not fully addressable) arrays."""
-  import jax
-  import numpy as np
-
-  return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data), tree)
 
 
 def flatten(prefix: str, tree) -> dict:
@@ -85,6 +77,7 @@ def main(out_path: str) -> None:
   import numpy as np
 
   from jaxkd import distributed, train
+  from jaxkd.placement import Placement
 
   assert distributed.initialize(), "expected a multi-process run"
   assert distributed.initialize(), "initialize must be idempotent"
@@ -94,27 +87,29 @@ def main(out_path: str) -> None:
   batches = global_batches()
   results = {}
 
-  # pmap: every process feeds [local_devices, per_device, ...] of its own rows.
-  step = train.make_train_step(parallel="pmap", **step_kwargs)
-  evaluate = train.make_eval_step(teacher_apply_fn=teacher_apply, parallel="pmap")
-  pmap_state, pmap_teacher = train.replicate(state), train.replicate(teacher_variables)
+  # pmap: every process feeds its own flat rows; the placement splits them over its devices.
+  placement = Placement.pmap()
+  step = train.make_train_step(placement=placement, **step_kwargs)
+  evaluate = train.make_eval_step(teacher_apply_fn=teacher_apply, placement=placement)
+  pmap_state, pmap_teacher = placement.put(state), placement.put(teacher_variables)
   for batch in batches:
-    pmap_state, _ = step(pmap_state, pmap_teacher, distributed.assemble_batch(distributed.process_rows(batch)))
-  sums = train.unreplicate(
-    evaluate(pmap_state, pmap_teacher, distributed.assemble_batch(distributed.process_rows(batches[0])))
-  )
-  final = train.unreplicate(pmap_state)
+    pmap_state, _ = step(
+      pmap_state, pmap_teacher, distributed.assemble_batch(distributed.process_rows(batch), placement)
+    )
+  # Unplaced rows work too: the step places them itself.
+  sums = placement.to_host(evaluate(pmap_state, pmap_teacher, distributed.process_rows(batches[0])))
+  final = placement.to_host(pmap_state)
   results.update(flatten("pmap", {"params": final.params, "batch_stats": final.batch_stats}))
   results["pmap/eval_count"] = np.asarray(sums["count"])
 
-  # shard_map: one global mesh over both processes' devices.
-  mesh = train.make_mesh()
-  step = train.make_train_step(parallel="shard_map", mesh=mesh, **step_kwargs)
-  sm_state, sm_teacher = train.put_replicated(state, mesh), train.put_replicated(teacher_variables, mesh)
+  # data_parallel: one global mesh over both processes' devices.
+  placement = Placement.data_parallel()
+  step = train.make_train_step(placement=placement, **step_kwargs)
+  sm_state, sm_teacher = placement.put(state), placement.put(teacher_variables)
   for batch in batches:
     local = distributed.process_rows(batch)
-    sm_state, _ = step(sm_state, sm_teacher, distributed.assemble_batch(local, parallel="shard_map", mesh=mesh))
-  final = _host_copy({"params": sm_state.params, "batch_stats": sm_state.batch_stats})
+    sm_state, _ = step(sm_state, sm_teacher, distributed.assemble_batch(local, placement))
+  final = placement.to_host({"params": sm_state.params, "batch_stats": sm_state.batch_stats})
   results.update(flatten("shard_map", final))
 
   np.savez(out_path, **results)

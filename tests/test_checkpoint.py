@@ -10,7 +10,7 @@ import pytest
 
 from jaxkd import checkpoint as ckpt
 from jaxkd.models import MLP, ResNet
-from jaxkd.train import create_train_state
+from jaxkd.state import create_train_state
 
 
 def small_state(hidden=(16,), seed=0, model=None):

@@ -1,4 +1,4 @@
-"""Tests for jaxkd.data: batch format, shuffling, sharding, padding, filters, augmentation, resume, prefetch."""
+"""Tests for jaxkd.data: batch format, shuffling, sharding, padding, filters, augmentation, resume, prefetch, stack."""
 
 import itertools
 import json
@@ -9,6 +9,7 @@ import pytest
 
 from jaxkd import data
 from jaxkd.datasets import ArrayDataset
+from jaxkd.placement import Placement
 
 NUM_EXAMPLES = 103  # Prime: no batch size divides it, so remainders and padding always show.
 
@@ -50,13 +51,9 @@ def test_eval_batch_has_mask():
   assert batch["mask"].dtype == np.bool_ and batch["mask"].all()
 
 
-def test_pmap_layout_splits_the_same_batch_over_devices():
-  flat = next(iterator(batch_size=12))
-  stacked = next(iterator(batch_size=12, layout="pmap", num_devices=4))
-  for key in flat:
-    assert stacked[key].shape == (4, 3, *flat[key].shape[1:])
-    np.testing.assert_array_equal(stacked[key].reshape(flat[key].shape), flat[key])
-  assert next(iterator(batch_size=12, layout="pmap"))["image"].shape[0] == jax.local_device_count()
+def test_batches_are_flat_process_rows_whatever_the_devices():
+  batch = next(iterator(batch_size=12))
+  assert batch["image"].shape == (12, 8, 8, 1) and batch["label"].shape == (12,)
 
 
 def test_normalize_matches_formula():
@@ -297,9 +294,7 @@ def test_horizontal_flip_flips_about_half():
     ({"horizontal_flip": True, "teacher_logits": np.zeros((NUM_EXAMPLES, 5))}, "cached teacher_logits are those of"),
     ({"teacher_logits": np.zeros((NUM_EXAMPLES - 1, 5))}, r"teacher_logits must be \[len\(dataset\)=103"),
     ({"batch_size": 10, "process_count": 3}, "batch_size 10 must be a positive multiple of process_count 3"),
-    ({"batch_size": 10, "layout": "pmap", "num_devices": 4}, "must divide evenly over 4 devices"),
     ({"batch_size": 104}, "give no full batch of 104 per process"),
-    ({"layout": "sharded"}, "layout must be 'flat' or 'pmap'"),
   ],
 )
 def test_invalid_settings(kwargs, message):
@@ -318,31 +313,77 @@ def test_teacher_logits_follow_the_shuffle():
 
 
 def test_prefetch_places_pmap_batches_on_local_devices():
-  it = iterator(batch_size=8, layout="pmap", num_devices=4, num_epochs=1)
-  with data.DevicePrefetcher(it) as prefetched:
+  placement = Placement.pmap(jax.local_devices()[:4])
+  it = iterator(batch_size=8, num_epochs=1)
+  with data.DevicePrefetcher(it, placement=placement) as prefetched:
     got = batches(prefetched)
   assert len(got) == NUM_EXAMPLES // 8
   image = got[0]["image"]
   assert isinstance(image, jax.Array) and image.shape == (4, 2, 8, 8, 1)
   assert {shard.device for shard in image.addressable_shards} == set(jax.local_devices()[:4])
-  sums = jax.pmap(lambda b: b["image"].sum())(got[0])
-  np.testing.assert_allclose(np.asarray(sums), np.asarray(image).sum(axis=(1, 2, 3, 4)), rtol=1e-5)
+  assert placement.is_placed_batch(got[0])
+  first = next(iterator(batch_size=8))
+  np.testing.assert_array_equal(np.asarray(image).reshape(8, 8, 8, 1), first["image"])
 
 
-def test_prefetch_flat_batches_with_a_mesh_sharding():
-  mesh = jax.sharding.Mesh(np.array(jax.local_devices()[:4]), ("batch",))
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
-  with data.DevicePrefetcher(iterator(batch_size=8), sharding=sharding) as prefetched:
+def test_prefetch_flat_batches_with_a_mesh_placement():
+  placement = Placement.data_parallel(jax.local_devices()[:4])
+  with data.DevicePrefetcher(iterator(batch_size=8), placement=placement) as prefetched:
     batch = next(prefetched)
-  assert batch["label"].sharding == sharding and batch["image"].shape == (8, 8, 8, 1)
+  assert batch["image"].shape == (8, 8, 8, 1) and placement.is_placed_batch(batch)
+  assert batch["label"].sharding.spec == jax.sharding.PartitionSpec("data")
   with data.DevicePrefetcher(iterator(batch_size=8)) as prefetched:
     assert isinstance(next(prefetched)["image"], jax.Array)
 
 
+def test_prefetch_set_state_before_the_start_resumes_exactly_and_after_it_raises():
+  reference = iterator(seed=5)
+  batches(reference, 4)
+  saved = reference.get_state()
+  expected = batches(reference, 3)
+  prefetched = data.DevicePrefetcher(iterator(seed=5), placement=Placement.single())
+  assert not prefetched.started
+  prefetched.set_state(saved)
+  assert prefetched.get_state() == saved
+  got = batches(prefetched, 3)
+  for want, have in zip(expected, got, strict=True):
+    for key in want:
+      np.testing.assert_array_equal(np.asarray(have[key]), want[key])
+  assert prefetched.get_state() == reference.get_state()
+  with pytest.raises(RuntimeError, match="set_state after the first next"):
+    prefetched.set_state(saved)
+  prefetched.close()
+
+
+def test_stack_groups_consecutive_batches_and_keeps_the_position():
+  plain, stacked = iterator(seed=2), data.stack(iterator(seed=2), 3)
+  assert stacked.stacked_steps == 3
+  group = next(stacked)
+  singles = batches(plain, 3)
+  for key in singles[0]:
+    assert group[key].shape == (3, *singles[0][key].shape)
+    np.testing.assert_array_equal(group[key], np.stack([b[key] for b in singles]))
+  assert stacked.get_state() == plain.get_state()
+  resumed = data.stack(iterator(seed=2), 3)
+  resumed.set_state(stacked.get_state())
+  np.testing.assert_array_equal(next(resumed)["index"], next(stacked)["index"])
+  # A group the iterator cannot fill ends the iteration.
+  assert len(batches(data.stack(iterator(num_epochs=1), 4))) == (NUM_EXAMPLES // 10) // 4
+  with pytest.raises(ValueError, match="steps must be an int >= 1"):
+    data.stack(iterator(), 0)
+  flat = iterator()
+  assert data.stack(flat, 1) is flat  # a step with steps_per_call=1 takes flat batches
+
+
+def test_prefetch_places_stacked_groups_for_the_step():
+  placement = Placement.pmap(jax.local_devices()[:4])
+  with data.DevicePrefetcher(data.stack(iterator(batch_size=8), 2), placement=placement) as prefetched:
+    group = next(prefetched)
+  assert group["image"].shape == (4, 2, 2, 8, 8, 1)  # [devices, steps, per_device, ...]
+
+
 def test_prefetch_reraises_errors_from_the_iterator():
   class Failing:
-    layout, num_devices = "flat", 1
-
     def get_state(self):
       return {}
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from jaxkd import distributed, train
+from jaxkd.placement import Placement
 
 _WORKER = pathlib.Path(__file__).with_name("_multihost_worker.py")
 _TIMEOUT_S = 150
@@ -35,9 +36,11 @@ def _free_port() -> int:
 def _reference(worker) -> dict[str, np.ndarray]:
   """The same steps in this one process, on one device, over the whole global batches."""
   state, _, teacher_variables, step_kwargs = worker.setup()
-  step = train.make_train_step(parallel="single", **step_kwargs)
+  step = train.make_train_step(placement="single", **step_kwargs)
+  state, teacher_variables = step.placement.put(state), step.placement.put(teacher_variables)
   for batch in worker.global_batches():
     state, _ = step(state, teacher_variables, batch)
+  state = step.placement.to_host(state)
   return worker.flatten("ref", {"params": state.params, "batch_stats": state.batch_stats})
 
 
@@ -110,19 +113,23 @@ def test_initialize_rejects_a_bad_env(monkeypatch):
     distributed.initialize()
 
 
-def test_assemble_batch_layouts():
+def test_assemble_batch_is_the_placements_put_batch():
   if jax.device_count() < 4:
     pytest.skip("needs 4 (fake CPU) devices: XLA_FLAGS=--xla_force_host_platform_device_count=4")
   batch = {"image": np.arange(8 * 3, dtype=np.float32).reshape(8, 3), "label": np.arange(8, dtype=np.int32)}
   assert distributed.process_rows(batch)["label"].shape == (8,)  # one process holds every row
-  pmap_batch = distributed.assemble_batch(batch, parallel="pmap")
-  assert pmap_batch["image"].shape == (jax.local_device_count(), 8 // jax.local_device_count(), 3)
-  mesh = train.make_mesh()
-  sharded = distributed.assemble_batch(batch, parallel="shard_map", mesh=mesh)
-  assert sharded["image"].shape == (8, 3)
-  assert sharded["image"].sharding.spec == jax.sharding.PartitionSpec("batch")
+  pmap = Placement.pmap(jax.local_devices()[:4])
+  pmap_batch = distributed.assemble_batch(batch, pmap)
+  assert pmap_batch["image"].shape == (4, 2, 3) and pmap.is_placed_batch(pmap_batch)
+  np.testing.assert_array_equal(np.asarray(pmap_batch["image"]).reshape(8, 3), batch["image"])
+  mesh = Placement.data_parallel(jax.devices()[:4])
+  sharded = distributed.assemble_batch(batch, mesh)
+  assert sharded["image"].shape == (8, 3) and mesh.is_placed_batch(sharded)
+  assert sharded["image"].sharding.spec == jax.sharding.PartitionSpec("data")
   np.testing.assert_array_equal(np.asarray(sharded["image"]), batch["image"])
+  single = distributed.assemble_batch(batch, "single")
+  assert single["label"].devices() == {jax.local_devices()[0]}
   with pytest.raises(ValueError, match="batch size 6 does not divide over 4 devices"):
-    distributed.assemble_batch({"x": np.zeros((6, 2))}, parallel="pmap")
-  with pytest.raises(ValueError, match="parallel must be"):
-    distributed.assemble_batch(batch, parallel="tpu")
+    distributed.assemble_batch({"x": np.zeros((6, 2))}, pmap)
+  with pytest.raises(ValueError, match="placement must be a jaxkd.Placement or one of"):
+    distributed.assemble_batch(batch, "tpu")

@@ -24,7 +24,7 @@ def tiny(config, data, **overrides):
   config.source_dir, config.data_dir = data
   config.validation_size = 100
   config.batch_size = 64
-  config.parallel = "single"
+  config.placement = "single"
   for key, value in overrides.items():
     config[key] = value
   return config

@@ -11,7 +11,7 @@ import optax
 
 from jaxkd import export
 from jaxkd.models import ResNet
-from jaxkd.train import create_train_state
+from jaxkd.state import create_train_state
 
 
 def test_export_runs_without_jaxkd(tmp_path):

@@ -1,7 +1,7 @@
 """Tests for jaxkd.methods on 4 fake CPU devices (tests/conftest.py sets the XLA flag).
 
 Losses are checked against the pure catalogue functions evaluated by hand on features captured with Flax's own
-``capture_intermediates``; the parallel modes against one device on the same global batch.
+``capture_intermediates``; the placements against one device on the same global batch.
 """
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
-from jaxkd import checkpoint, features, losses, methods, relations, train
+import jaxkd
+from jaxkd import checkpoint, features, losses, methods, modeling, relations, train
 from jaxkd.models import CNN, count_params
 
 NUM_DEVICES = 4
@@ -46,22 +48,32 @@ def _teacher_variables():
   return jax.jit(TEACHER.init)(jax.random.key(1), np.zeros((1, 8, 8, 1), np.float32))
 
 
-def _state(method: methods.Method, tx=None, rng: int = 0) -> train.TrainState:
-  return methods.create_method_state(
-    method,
+def _state(objective: jaxkd.Objective, tx=None, rng: int = 0) -> jaxkd.TrainState:
+  return jaxkd.create_train_state(
     STUDENT,
     tx or optax.sgd(0.01),
     np.zeros((1, 8, 8, 1), np.float32),
-    teacher_apply_fn=TEACHER.apply,
-    teacher_variables=_teacher_variables(),
     rng=rng,
+    objective=objective,
+    teacher=TEACHER,
+    teacher_variables=_teacher_variables(),
     num_data=NUM_DATA,
   )
+
+
+def _student_variables(state: jaxkd.TrainState) -> dict:
+  """The plain student's variables: the state's params and batch_stats are the student's own."""
+  return {"params": state.params, "batch_stats": state.batch_stats}
 
 
 def _intermediate(collections, layer):
   """A layer's output from Flax's own capture_intermediates=True collection."""
   return collections["intermediates"][layer]["__call__"][0]
+
+
+def _capture(module_or_apply, variables, x, layers, name="student"):
+  """``(logits, {layer: features}, updates)`` of an eval-mode forward pass, as the step captures features."""
+  return modeling.as_model(module_or_apply, name=name)(variables, {"image": x}, train=False, capture=layers)
 
 
 # ---------------------------------------------------------------- feature capture
@@ -78,7 +90,7 @@ class Sower(nn.Module):
 def test_capture_features_by_layer_name():
   x = _batch()["image"]
   variables = jax.jit(STUDENT.init)(jax.random.key(0), x[:1])
-  logits, captured, _ = methods.capture_features(STUDENT.apply, variables, x, ["Conv_1", "Dense_0"])
+  logits, captured, _ = _capture(STUDENT.apply, variables, x, ["Conv_1", "Dense_0"])
   params = variables["params"]
   h = nn.max_pool(nn.relu(nn.Conv(4, (3, 3)).apply({"params": params["Conv_0"]}, x)), (2, 2), strides=(2, 2))
   conv_1 = nn.Conv(8, (3, 3)).apply({"params": params["Conv_1"]}, h)
@@ -91,19 +103,19 @@ def test_capture_features_by_layer_name():
   # A value the model sows into 'intermediates' is found by its name too.
   sower = Sower()
   sower_variables = jax.jit(sower.init)(jax.random.key(0), x[:1])
-  _, sown, _ = methods.capture_features(sower.apply, sower_variables, x, ["embedding", "Dense_0"])
+  _, sown, _ = _capture(sower, sower_variables, x, ["embedding", "Dense_0"])
   np.testing.assert_allclose(sown["embedding"], 2.0 * sown["Dense_0"], rtol=1e-6)
 
-  with pytest.raises(ValueError, match=r"no student layer 'Conv_9'.*'Conv_0', 'Conv_1'"):
-    methods.capture_features(STUDENT.apply, variables, x, ["Conv_9"], what="student")
+  with pytest.raises(ValueError, match=r"no student layer 'Conv_9'; the student's layers are \['Conv_0', 'Conv_1'"):
+    _capture(STUDENT.apply, variables, x, ["Conv_9"])
   with pytest.raises(ValueError, match="no teacher layer 'conv_1'"):
-    _state(methods.Method([methods.attention_transfer("Conv_1", "conv_1")]))
+    _state(jaxkd.Objective([methods.attention_transfer("Conv_1", "conv_1")]))
 
 
 # ---------------------------------------------------------------- one step against the pure functions
 
 LR = 0.01
-HAND_METHOD = methods.Method(
+HAND_METHOD = jaxkd.Objective(
   [
     methods.cross_entropy(weight=0.5),
     methods.kd(weight=0.9, temperature=4.0),
@@ -118,23 +130,25 @@ def one_step():
   state = _state(HAND_METHOD, optax.sgd(LR))
   teacher_variables = _teacher_variables()
   teacher_before = jax.tree.map(np.array, teacher_variables)
-  step = methods.make_method_train_step(HAND_METHOD, teacher_apply_fn=TEACHER.apply, parallel="single", donate=False)
+  step = jaxkd.make_train_step(teacher_apply_fn=TEACHER.apply, objective=HAND_METHOD, placement="single", donate=False)
   batch = _batch()
   new_state, metrics = step(state, teacher_variables, batch)
   return state, new_state, jax.device_get(metrics), batch, teacher_before
 
 
 @jax.jit
-def _hand_loss(params, batch):
+def _hand_loss(trainable, batch):
+  """The objective by hand, on ``state.trainable``: ``{'student': params, 'adapters': adapters}``."""
   x, labels = batch["image"], batch["label"]
   student_logits, student = STUDENT.apply(
-    {"params": params["student"]}, x, train=True, capture_intermediates=True, mutable=["intermediates"]
+    {"params": trainable["student"]}, x, train=True, capture_intermediates=True, mutable=["intermediates"]
   )
   teacher_logits, teacher = TEACHER.apply(
     _teacher_variables(), x, capture_intermediates=True, mutable=["intermediates"]
   )
   regressor = features.HintRegressor(features=16)
-  regressed = regressor.apply({"params": params["adapters"]["fitnet"]["regressor"]}, _intermediate(student, "Conv_1"))
+  adapter = trainable["adapters"]["fitnet"]["regressor"]
+  regressed = regressor.apply({"params": adapter}, _intermediate(student, "Conv_1"))
   parts = {
     "ce": losses.hard_cross_entropy(student_logits, labels).mean(),
     "kd": losses.kd_loss(student_logits, teacher_logits, 4.0).mean(),
@@ -150,42 +164,50 @@ def _hand_loss(params, batch):
 
 def test_multi_term_loss_is_the_weighted_sum_of_the_pure_functions(one_step):
   state, new_state, metrics, batch, _ = one_step
-  (total, parts), grads = jax.value_and_grad(_hand_loss, has_aux=True)(state.params, batch)
+  (total, parts), grads = jax.value_and_grad(_hand_loss, has_aux=True)(state.trainable, batch)
   assert total > 0 and all(float(v) > 0 for v in parts.values())
   np.testing.assert_allclose(metrics["loss"], total, rtol=1e-5)
   for name, value in parts.items():
     np.testing.assert_allclose(metrics[f"loss/{name}"], value, rtol=1e-5, err_msg=name)
+  # Each term's current weight is logged next to its loss, and the objective's temperature (default 1).
+  for name, weight in {"ce": 0.5, "kd": 0.9, "at": 1000.0, "fitnet": 100.0}.items():
+    np.testing.assert_allclose(metrics[f"weight/{name}"], weight, rtol=1e-7, err_msg=name)
+  assert metrics["temperature"] == 1.0
   # The update is SGD on the gradient of that sum, adapters included.
-  expected = jax.tree.map(lambda p, g: p - LR * g, state.params, grads)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), new_state.params, expected)
+  expected = jax.tree.map(lambda p, g: p - LR * g, state.trainable, grads)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), new_state.trainable, expected)
   assert metrics["nonfinite"] == 0
 
 
-def test_adapters_live_in_the_student_params_and_train_while_the_teacher_stays_untouched(one_step):
+def test_adapters_live_in_the_state_and_train_while_the_teacher_stays_untouched(one_step):
   state, new_state, _, batch, teacher_before = one_step
-  assert set(state.params) == {"student", "adapters"}
-  assert set(state.params["adapters"]) == {"fitnet"}  # CE, KD and AT have no adapter
-  regressor_before = state.params["adapters"]["fitnet"]["regressor"]
-  regressor_after = new_state.params["adapters"]["fitnet"]["regressor"]
+  # params is the plain student; the FitNet regressor is an adapter, trained with it through state.trainable.
+  student_init = STUDENT.init(jax.random.key(0), batch["image"][:1])
+  assert jax.tree.structure(state.params) == jax.tree.structure(student_init["params"])
+  assert set(state.adapters) == {"fitnet"}  # CE, KD and AT have no adapter
+  assert set(state.adapters["fitnet"]) == {"regressor"}
+  assert set(state.trainable) == {"student", "adapters"} and state.term_state == {}
+  regressor_before = state.adapters["fitnet"]["regressor"]
+  regressor_after = new_state.adapters["fitnet"]["regressor"]
   for before, after in zip(jax.tree.leaves(regressor_before), jax.tree.leaves(regressor_after), strict=True):
     assert not np.allclose(before, after)
   # The state holds the student and its adapters, nothing of the teacher.
-  student_count = count_params(STUDENT.init(jax.random.key(0), batch["image"][:1]))
-  assert count_params(new_state.params) == student_count + count_params(regressor_after)
+  student_count = count_params(student_init)
+  assert count_params(new_state.params) == student_count
+  assert count_params(new_state.trainable) == student_count + count_params(regressor_after)
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.array, _teacher_variables()), teacher_before)
-  # The plain student variables give the logits that the state's apply_fn (and so the eval step) gives.
-  plain = methods.student_variables(new_state)
-  assert set(plain) == {"params", "batch_stats"} and "adapters" not in plain["params"]
-  np.testing.assert_allclose(
-    STUDENT.apply(plain, batch["image"]), new_state.apply_fn({"params": new_state.params}, batch["image"]), rtol=1e-6
-  )
-  sums = train.make_eval_step(parallel="single")(new_state, None, {"image": batch["image"], "label": batch["label"]})
+  # The plain student variables give the logits that the state's apply_fn and model (and so the eval step) give.
+  plain = _student_variables(new_state)
+  expected = STUDENT.apply(plain, batch["image"])
+  np.testing.assert_allclose(new_state.apply_fn({"params": new_state.params}, batch["image"]), expected, rtol=1e-6)
+  np.testing.assert_allclose(new_state.model(plain, batch, train=False)[0], expected, rtol=1e-6)
+  sums = train.make_eval_step(placement="single")(new_state, None, {"image": batch["image"], "label": batch["label"]})
   assert int(sums["count"]) == BATCH
 
 
-# ---------------------------------------------------------------- parallel modes and CRD
+# ---------------------------------------------------------------- placements and CRD
 
-PARALLEL_METHOD = methods.Method(
+PARALLEL_METHOD = jaxkd.Objective(
   [
     methods.cross_entropy(),
     methods.attention_transfer("Conv_1", "Conv_1", weight=1000.0),
@@ -193,92 +215,99 @@ PARALLEL_METHOD = methods.Method(
     methods.crd("Dense_0", "Dense_0", weight=0.8, embed_dim=8, num_negatives=8),
   ]
 )
+PLACEMENTS = ("single", "pmap", "data_parallel")
 
 
-def _run(parallel: str, state: train.TrainState, batches):
-  teacher_variables = _teacher_variables()
-  # No donation: every mode starts from the same host state.
-  step = methods.make_method_train_step(
-    PARALLEL_METHOD, teacher_apply_fn=TEACHER.apply, parallel=parallel, donate=False
+def _replicas(leaf: jax.Array, *, pmap: bool) -> np.ndarray:
+  """``[devices, ...]``: every device's copy of a replicated array (pmap: its slice of the leading device axis)."""
+  copies = [np.asarray(shard.data) for shard in leaf.addressable_shards]
+  return np.stack([copy[0] for copy in copies] if pmap else copies)
+
+
+def _run(placement: str, state: jaxkd.TrainState, batches):
+  # No donation: every placement starts from the same host state. Batches are flat [batch, ...] in all of them.
+  step = jaxkd.make_train_step(
+    teacher_apply_fn=TEACHER.apply, objective=PARALLEL_METHOD, placement=placement, donate=False
   )
-  if parallel == "pmap":
-    state, teacher_variables = train.replicate(state), train.replicate(teacher_variables)
-    batches = [train.split_for_pmap(b) for b in batches]
-  elif parallel == "shard_map":
-    mesh = train.make_mesh()
-    state, teacher_variables = train.put_replicated(state, mesh), train.put_replicated(teacher_variables, mesh)
-    batches = [train.shard_batch(b, mesh) for b in batches]
+  state, teacher_variables = step.placement.put(state), step.placement.put(_teacher_variables())
   history = []
   for batch in batches:
     state, metrics = step(state, teacher_variables, batch)
-    history.append(jax.device_get(train.unreplicate(metrics) if parallel == "pmap" else metrics))
-  return jax.device_get(state), history
+    history.append(step.placement.to_host(metrics))
+  # Every device's copy of the term state, to check that the replicas stay identical.
+  replicas = jax.tree.map(functools.partial(_replicas, pmap=step.placement.use_pmap), state.term_state)
+  return step.placement.to_host(state), history, replicas
 
 
 @pytest.fixture(scope="module")
 def parallel_runs():
   initial = jax.device_get(_state(PARALLEL_METHOD, optax.sgd(0.05, momentum=0.9)))
   batches = [_batch(1), _batch(2)]
-  runs = {parallel: _run(parallel, initial, batches) for parallel in ("single", "pmap", "shard_map")}
+  runs = {placement: _run(placement, initial, batches) for placement in PLACEMENTS}
   return initial, batches, runs
 
 
-def test_pmap_and_shard_map_equal_one_device_for_feature_relation_and_crd_terms(parallel_runs):
+def test_pmap_and_data_parallel_equal_one_device_for_feature_relation_and_crd_terms(parallel_runs):
   _, _, runs = parallel_runs
-  single_state, single_history = runs["single"]
-  for parallel in ("pmap", "shard_map"):
-    state, history = runs[parallel]
-    if parallel == "pmap":
-      state = train.unreplicate(state)
+  single_state, single_history, _ = runs["single"]
+  for placement in ("pmap", "data_parallel"):
+    state, history, _ = runs[placement]
     for step, (metrics, expected) in enumerate(zip(history, single_history, strict=True)):
       for key in ("loss", "loss/ce", "loss/at", "loss/rkd", "loss/crd", "grad_norm"):
         np.testing.assert_allclose(
-          metrics[key], expected[key], rtol=1e-5, atol=1e-5, err_msg=f"{parallel} {key} {step}"
+          metrics[key], expected[key], rtol=1e-5, atol=1e-5, err_msg=f"{placement} {key} {step}"
         )
     assert history[1]["loss/rkd"] != history[0]["loss/rkd"]  # the second step saw updated params and a new batch
     jax.tree.map(
       lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
-      (state.params, state.batch_stats),
-      (single_state.params, single_state.batch_stats),
+      (state.params, state.batch_stats, state.adapters, state.term_state),
+      (single_state.params, single_state.batch_stats, single_state.adapters, single_state.term_state),
     )
 
 
 def test_crd_memory_is_updated_in_the_step_and_identical_across_replicas(parallel_runs):
   initial, batches, runs = parallel_runs
-  memory_before = initial.batch_stats["terms"]["crd"]["memory"]
-  replicated = runs["pmap"][0].batch_stats["terms"]["crd"]
-  for bank in ("student", "teacher"):
-    copies = np.asarray(replicated["memory"][bank])  # [devices, num_data, embed_dim]
-    for device in range(1, NUM_DEVICES):
-      np.testing.assert_array_equal(copies[device], copies[0])
-    seen = np.unique(np.concatenate([b["index"] for b in batches]))
-    unseen = np.setdiff1d(np.arange(NUM_DATA), seen)
-    changed = ~np.isclose(copies[0], memory_before[bank]).all(axis=-1)
-    np.testing.assert_array_equal(np.flatnonzero(changed), seen)
-    np.testing.assert_array_equal(copies[0][unseen], memory_before[bank][unseen])
-    np.testing.assert_allclose(np.linalg.norm(copies[0][seen], axis=-1), 1.0, rtol=1e-5)
-  # log Z was fixed on the first (global) batch, as in the authors' code.
-  assert np.all(replicated["log_z_ready"] == 1)
-  np.testing.assert_allclose(replicated["log_z"][0], runs["single"][0].batch_stats["terms"]["crd"]["log_z"], rtol=1e-5)
+  # CRD's memory bank is the term's state, beside (not inside) the student's variables.
+  assert set(initial.term_state) == {"crd"} and initial.batch_stats == {}
+  memory_before = initial.term_state["crd"]["memory"]
+  seen = np.unique(np.concatenate([b["index"] for b in batches]))
+  unseen = np.setdiff1d(np.arange(NUM_DATA), seen)
+  for placement in ("pmap", "data_parallel"):
+    state, _, replicas = runs[placement]
+    crd_state = state.term_state["crd"]
+    for copies in jax.tree.leaves(replicas["crd"]):  # [devices, ...]
+      assert len(copies) == NUM_DEVICES
+      for device in range(1, NUM_DEVICES):
+        np.testing.assert_array_equal(copies[device], copies[0], err_msg=placement)
+    for bank in ("student", "teacher"):
+      memory = np.asarray(crd_state["memory"][bank])
+      changed = ~np.isclose(memory, memory_before[bank]).all(axis=-1)
+      np.testing.assert_array_equal(np.flatnonzero(changed), seen)
+      np.testing.assert_array_equal(memory[unseen], memory_before[bank][unseen])
+      np.testing.assert_allclose(np.linalg.norm(memory[seen], axis=-1), 1.0, rtol=1e-5)
+    # log Z was fixed on the first (global) batch, as in the authors' code.
+    assert np.all(crd_state["log_z_ready"] == 1)
+    np.testing.assert_allclose(crd_state["log_z"], runs["single"][0].term_state["crd"]["log_z"], rtol=1e-5)
 
 
 def test_local_and_global_batch_relation_terms_under_pmap():
-  method = methods.Method(
+  objective = jaxkd.Objective(
     [
       methods.cross_entropy(),
       methods.similarity_preserving("Conv_1", "Conv_1", scope="local", name="sp_local"),
       methods.similarity_preserving("Conv_1", "Conv_1", scope="global", name="sp_global"),
     ]
   )
-  state = _state(method)
+  state = _state(objective)
   batch = _batch(3)
-  step = methods.make_method_train_step(method, teacher_apply_fn=TEACHER.apply, parallel="pmap")
-  student = methods.student_variables(state)
-  _, metrics = step(train.replicate(state), train.replicate(_teacher_variables()), train.split_for_pmap(batch))
-  metrics = jax.device_get(train.unreplicate(metrics))
+  step = jaxkd.make_train_step(teacher_apply_fn=TEACHER.apply, objective=objective, placement="pmap")
+  student = _student_variables(state)
+  placed_state, placed_teacher = step.placement.put(state), step.placement.put(_teacher_variables())
+  _, metrics = step(placed_state, placed_teacher, batch)
+  metrics = step.placement.to_host(metrics)
   # CNN features are per-example, so the global batch's features can be sliced into the devices' batches.
-  _, student_features, _ = methods.capture_features(STUDENT.apply, student, batch["image"], ["Conv_1"])
-  _, teacher_features, _ = methods.capture_features(TEACHER.apply, _teacher_variables(), batch["image"], ["Conv_1"])
+  _, student_features, _ = _capture(STUDENT, student, batch["image"], ["Conv_1"])
+  _, teacher_features, _ = _capture(TEACHER, _teacher_variables(), batch["image"], ["Conv_1"], name="teacher")
   s, t = student_features["Conv_1"], teacher_features["Conv_1"]
   per_device = [
     relations.similarity_preserving_loss(s[i : i + BATCH // NUM_DEVICES], t[i : i + BATCH // NUM_DEVICES])
@@ -293,52 +322,140 @@ def test_local_and_global_batch_relation_terms_under_pmap():
 
 
 def test_checkpoint_round_trip_keeps_adapters_and_crd_memory(parallel_runs, tmp_path):
-  trained = train.unreplicate(parallel_runs[2]["pmap"][0])
+  trained = parallel_runs[2]["pmap"][0]  # already unreplicated by placement.to_host
   manager = checkpoint.Checkpointer(tmp_path / "checkpoints", async_save=False)
   manager.save(trained)
   manager.close()
   template = _state(PARALLEL_METHOD, optax.sgd(0.05, momentum=0.9), rng=7)
   restored = checkpoint.Checkpointer(tmp_path / "checkpoints").restore(template)
   assert restored is not None and restored.step == 2
-  assert set(restored.state.params["adapters"]) == {"crd"}
+  assert set(restored.state.adapters) == {"crd"} and set(restored.state.term_state) == {"crd"}
   for saved, loaded in [
     (trained.params, restored.state.params),
     (trained.batch_stats, restored.state.batch_stats),
     (trained.opt_state, restored.state.opt_state),
+    (trained.adapters, restored.state.adapters),
+    (trained.term_state, restored.state.term_state),
+    (jax.random.key_data(trained.rng), jax.random.key_data(restored.state.rng)),
   ]:
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded), jax.device_get(saved))
-  # A checkpoint read for inference gives the plain student through student_variables.
+  # A checkpoint read for inference holds the plain student: no adapters or term state in its variables.
   variables, _ = checkpoint.load_variables(tmp_path / "checkpoints")
+  assert jax.tree.structure(variables["params"]) == jax.tree.structure(trained.params)
   images = _batch()["image"]
   np.testing.assert_allclose(
-    STUDENT.apply(methods.student_variables(variables), images),
-    STUDENT.apply(methods.student_variables(trained), images),
-    rtol=1e-6,
+    STUDENT.apply(variables, images), STUDENT.apply(_student_variables(trained), images), rtol=1e-6
   )
 
 
 def test_errors(parallel_runs):
   with pytest.raises(ValueError, match=r"distinct.*\['kd'\]"):
-    methods.Method([methods.kd(), methods.kd()])
+    jaxkd.Objective([methods.kd(), methods.kd()])
   with pytest.raises(ValueError, match="num_data"):
-    methods.create_method_state(
-      methods.Method([methods.crd("Dense_0", "Dense_0", num_negatives=4)]),
+    jaxkd.create_train_state(
       STUDENT,
       optax.sgd(0.1),
       np.zeros((1, 8, 8, 1), np.float32),
-      teacher_apply_fn=TEACHER.apply,
-      teacher_variables=_teacher_variables(),
       rng=0,
+      objective=jaxkd.Objective([methods.crd("Dense_0", "Dense_0", num_negatives=4)]),
+      teacher=TEACHER,
+      teacher_variables=_teacher_variables(),
     )
-  with pytest.raises(ValueError, match="not a method state"):
-    methods.student_variables({"params": {"Conv_0": {}}, "batch_stats": {}})
   with pytest.raises(ValueError, match="scope"):
     methods.rkd("Dense_0", "Dense_0", scope="example")
-  # CRD needs each example's dataset index; the step says where to get it (at trace time, before compiling).
-  step = methods.make_method_train_step(PARALLEL_METHOD, teacher_apply_fn=TEACHER.apply, parallel="single")
+  step = jaxkd.make_train_step(teacher_apply_fn=TEACHER.apply, objective=PARALLEL_METHOD, placement="single")
+  # A state made without the objective has no state for its terms; the step says so (at trace time, before compiling).
+  plain_state = jaxkd.create_train_state(STUDENT, optax.sgd(0.1), np.zeros((1, 8, 8, 1), np.float32), rng=0)
+  with pytest.raises(ValueError, match=r"term 'crd' keeps state between steps but the train state has none"):
+    step(plain_state, _teacher_variables(), _batch())
+  # CRD needs each example's dataset index; the step says where to get it.
   batch = {k: v for k, v in _batch().items() if k != "index"}
   with pytest.raises(ValueError, match="include_index=True"):
     step(parallel_runs[0], _teacher_variables(), batch)
+
+
+# ---------------------------------------------------------------- NNX students
+
+
+class NNXStudent(nnx.Module):
+  """A small NNX CNN with BatchNorm synchronised over the data axis (the step's default axis name, 'data')."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.conv = nnx.Conv(1, 4, (3, 3), rngs=rngs)
+    self.norm = nnx.BatchNorm(4, axis_name="data", rngs=rngs)
+    self.dense = nnx.Linear(8 * 8 * 4, NUM_CLASSES, rngs=rngs)
+
+  def __call__(self, x):
+    h = nnx.relu(self.norm(self.conv(x)))
+    return self.dense(h.reshape(h.shape[0], -1))
+
+
+def test_nnx_student_trains_on_logit_terms_and_feature_terms_need_linen():
+  objective = jaxkd.Objective([methods.cross_entropy(weight=0.1), methods.kd(weight=0.9, temperature=4.0)])
+  module = NNXStudent(nnx.Rngs(0))
+  state = jaxkd.create_train_state(module, optax.sgd(0.1), rng=0, objective=objective)
+  assert state.adapters == {} and state.term_state == {} and jax.tree.leaves(state.batch_stats)
+  batches = [_batch(4), _batch(5), _batch(6)]
+  runs = {}
+  for placement in ("single", "data_parallel"):
+    step = jaxkd.make_train_step(teacher_apply_fn=TEACHER.apply, objective=objective, placement=placement)
+    placed, teacher_variables = step.placement.put(state), step.placement.put(_teacher_variables())
+    history = []
+    for batch in batches:
+      placed, metrics = step(placed, teacher_variables, batch)
+      history.append(step.placement.to_host(metrics))
+    runs[placement] = step.placement.to_host(placed), history
+  trained, history = runs["single"]
+
+  # The first step's loss is the objective by hand, on the student's train-mode logits (batch statistics; the
+  # BatchNorm's 'data' axis is bound by a one-element vmap).
+  batch = batches[0]
+
+  def train_logits(x):
+    return state.apply_fn(_student_variables(state), x, train=True, mutable=["batch_stats"])[0]
+
+  logits = jax.vmap(train_logits, axis_name="data")(batch["image"][None])[0]
+  teacher_logits = TEACHER.apply(_teacher_variables(), batch["image"])
+  ce = losses.hard_cross_entropy(logits, batch["label"]).mean()
+  kd = losses.kd_loss(logits, teacher_logits, 4.0).mean()
+  np.testing.assert_allclose(history[0]["loss/ce"], ce, rtol=1e-5)
+  np.testing.assert_allclose(history[0]["loss/kd"], kd, rtol=1e-5)
+  np.testing.assert_allclose(history[0]["loss"], 0.1 * ce + 0.9 * kd, rtol=1e-5)
+  assert history[-1]["loss"] < history[0]["loss"] and all(m["nonfinite"] == 0 for m in history)
+  assert int(trained.step) == len(batches)
+  for before, after in [(state.params, trained.params), (state.batch_stats, trained.batch_stats)]:
+    assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True))
+  # Synchronised BatchNorm: four devices give what one does on the same global batch.
+  parallel, parallel_history = runs["data_parallel"]
+  for metrics, expected in zip(parallel_history, history, strict=True):
+    np.testing.assert_allclose(metrics["loss"], expected["loss"], rtol=1e-5, atol=1e-6)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+    (parallel.params, parallel.batch_stats),
+    (trained.params, trained.batch_stats),
+  )
+  # The trained student goes back into its module.
+  nnx.update(module, trained.params, trained.batch_stats)
+  module.eval()
+  np.testing.assert_allclose(
+    module(batch["image"]), trained.model(_student_variables(trained), batch, train=False)[0], rtol=1e-5, atol=1e-6
+  )
+
+  # Feature terms capture linen layers: with an NNX student they are refused, at state creation and in the step.
+  with_features = jaxkd.Objective([methods.cross_entropy(), methods.attention_transfer("conv", "Conv_1")])
+  with pytest.raises(ValueError, match=r"feature terms read layers \['conv'\] of the student.*linen module"):
+    jaxkd.create_train_state(
+      NNXStudent(nnx.Rngs(0)),
+      optax.sgd(0.1),
+      batch["image"][:1],
+      rng=0,
+      objective=with_features,
+      teacher=TEACHER,
+      teacher_variables=_teacher_variables(),
+    )
+  step = jaxkd.make_train_step(teacher_apply_fn=TEACHER.apply, objective=with_features, placement="single")
+  with pytest.raises(ValueError, match=r"feature terms read layers \['conv'\] of the student.*linen module"):
+    step(state, _teacher_variables(), batch)
 
 
 # ---------------------------------------------------------------- the experiment, end to end
@@ -354,7 +471,7 @@ def test_methods_experiment_tiny(tmp_path_factory, tmp_path):
   config.source_dir, config.data_dir = str(source), str(tmp_path_factory.mktemp("tfds"))
   config.validation_size = 100
   config.batch_size = 64
-  config.parallel = "single"
+  config.placement = "single"
   config.teacher_features, config.teacher_dense, config.student_features, config.student_dense = (4, 4), 8, (2, 2), 4
   config.teacher_epochs = config.student_epochs = 0.5
   config.methods = ("kd", "crd")
@@ -401,21 +518,21 @@ def test_cifar100_pair_traces_every_method_at_its_shapes():
     "index": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
   }
   for name in methods_exp.ALL_METHODS:
-    method = methods_exp.build_method(name, pair, config, steps=100)
+    objective = methods_exp.build_method(name, pair, config, steps=100)
 
-    def init(teacher_variables, method=method):
-      return methods.create_method_state(
-        method,
+    def init(teacher_variables, objective=objective):
+      return jaxkd.create_train_state(
         pair.student,
         optax.adam(1e-3),
         np.zeros((1, 32, 32, 3), np.float32),
-        teacher_apply_fn=pair.teacher.apply,
-        teacher_variables=teacher_variables,
         rng=0,
+        objective=objective,
+        teacher=pair.teacher,
+        teacher_variables=teacher_variables,
         num_data=50000,
       )
 
     state = jax.eval_shape(init, teacher_variables)
-    step = methods.make_method_train_step(method, teacher_apply_fn=pair.teacher.apply, parallel="single")
+    step = jaxkd.make_train_step(teacher_apply_fn=pair.teacher.apply, objective=objective, placement="single")
     _, metrics = jax.eval_shape(step, state, teacher_variables, batch)
     assert metrics["loss"].shape == () and "accuracy" in metrics, name

@@ -93,23 +93,6 @@ def np_cc(s, t, gamma=0.4, order=2):
   return ((correlation(t) - correlation(s)) ** 2).sum() / len(s) ** 2
 
 
-def np_crd(s, t, memory_student, memory_teacher, contrast, temperature, log_z=None):
-  s, t = np.asarray(s, np.float64), np.asarray(t, np.float64)
-  num_data, num_negatives = len(memory_student), contrast.shape[1] - 1
-  noise = num_negatives / num_data  # m P_n
-
-  def nce(anchor, memory, log_z):
-    scores = np.einsum("bkd,bd->bk", np.asarray(memory, np.float64)[contrast], anchor) / temperature
-    z = math.exp(log_z) if log_z is not None else np.exp(scores).mean() * num_data
-    p = np.exp(scores) / z
-    log_d1 = np.log(p[:, 0] / (p[:, 0] + noise))
-    log_d0 = np.log(noise / (p[:, 1:] + noise)).sum(1)
-    return -(log_d1 + log_d0)
-
-  log_z = log_z or (None, None)
-  return nce(s, memory_teacher, log_z[0]) + nce(t, memory_student, log_z[1])
-
-
 def random_features(shape, seed, scale=1.0):
   return (scale * np.random.default_rng(seed).standard_normal(shape)).astype(np.float32)
 
@@ -137,24 +120,6 @@ class ReferenceTest(chex.TestCase):
     chex.assert_shape(out, ())
     assert out.dtype == jnp.float32
     np.testing.assert_allclose(out, reference(s, t), rtol=1e-4, atol=1e-6)
-
-  @chex.variants(with_jit=True, without_jit=True)
-  def test_crd_loss(self):
-    s, t = random_features((4, 8), 2), random_features((4, 8), 3)
-    s, t = s / np.linalg.norm(s, axis=1, keepdims=True), t / np.linalg.norm(t, axis=1, keepdims=True)
-    memory = relations.crd_init_memory(jax.random.key(0), 20, 8)
-    contrast = relations.crd_sample_contrast_indices(
-      jax.random.key(1), np.array([3, 0, 19, 7]), num_negatives=6, num_data=20
-    )
-    contrast = np.asarray(contrast)
-    out = self.variant(lambda s, t, m, c: relations.crd_loss(s, t, m, c, temperature=0.5))(s, t, memory, contrast)
-    chex.assert_shape(out, (4,))
-    np.testing.assert_allclose(out, np_crd(s, t, *memory, contrast, 0.5), rtol=1e-4)
-    log_z = (1.5, 2.5)
-    out = self.variant(lambda s, t, m, c: relations.crd_loss(s, t, m, c, temperature=0.5, log_normalizers=log_z))(
-      s, t, memory, contrast
-    )
-    np.testing.assert_allclose(out, np_crd(s, t, *memory, contrast, 0.5, log_z), rtol=1e-4)
 
 
 def test_cc_exact_kernel_and_taylor_convergence():
@@ -251,17 +216,6 @@ def test_axis_name_under_pmap_on_four_devices():
     out, np.broadcast_to(some_relations(s.reshape(-1, 5), t.reshape(-1, 3)), out.shape), rtol=1e-5
   )
 
-  memory = relations.crd_init_memory(jax.random.key(0), 16, 5)
-  indices = np.arange(devices * 2).reshape(devices, 2) * 2
-  updated = jax.pmap(
-    lambda m, i, s, t: relations.crd_update_memory(m, i, s, t, momentum=0.5, axis_name="batch"),
-    in_axes=(None, 0, 0, 0),
-    axis_name="batch",
-  )(memory, indices, s, s)
-  expected = relations.crd_update_memory(memory, indices.reshape(-1), s.reshape(-1, 5), s.reshape(-1, 5), momentum=0.5)
-  for bank, expected_bank in zip(updated, expected, strict=True):
-    np.testing.assert_allclose(bank, np.broadcast_to(expected_bank, bank.shape), rtol=1e-6)
-
 
 # ---------------------------------------------------------------- gradients and extreme values
 
@@ -288,78 +242,6 @@ def test_degenerate_and_huge_features_are_finite():
   np.testing.assert_array_equal(teacher_grads, 0.0)  # no gradient reaches the teacher
 
 
-# ---------------------------------------------------------------- CRD pieces
-
-
-def test_crd_heads_sampling_update_and_gradients():
-  student_features, teacher_features = random_features((4, 2, 2, 3), 22), random_features((4, 10), 23)
-  heads = relations.CRDHeads(features=6)
-  indices = np.array([5, 0, 31, 17])
-
-  @jax.jit
-  def run(student_features, teacher_features):
-    variables = heads.init(jax.random.key(0), student_features, teacher_features)
-    contrast = relations.crd_sample_contrast_indices(jax.random.key(1), indices, num_negatives=500, num_data=32)
-    memory = relations.crd_init_memory(jax.random.key(2), 32, 6)
-
-    def loss(params, memory):
-      s, t = heads.apply({"params": params}, student_features, teacher_features)
-      return relations.crd_loss(s, t, memory, contrast).mean(), (s, t)
-
-    (param_grads, memory_grads), (s, t) = jax.grad(loss, argnums=(0, 1), has_aux=True)(variables["params"], memory)
-    teacher_grad = jax.grad(lambda f: heads.apply(variables, student_features, f)[1].sum())(teacher_features)
-    updated = relations.crd_update_memory(memory, indices, s, t)
-    return variables, contrast, memory, param_grads, memory_grads, teacher_grad, s, t, updated
-
-  variables, contrast, memory, param_grads, memory_grads, teacher_grad, s, t, updated = run(
-    student_features, teacher_features
-  )
-  assert set(variables["params"]) == {"student_embed", "teacher_embed"}
-  assert s.shape == t.shape == (4, 6)
-  np.testing.assert_allclose(np.linalg.norm(s, axis=1), 1.0, rtol=1e-6)
-
-  assert contrast.shape == (4, 501) and contrast.dtype == jnp.int32
-  np.testing.assert_array_equal(contrast[:, 0], indices)
-  assert np.all(np.asarray(contrast[:, 1:]) != indices[:, None])
-  assert np.asarray(contrast).min() == 0 and np.asarray(contrast).max() == 31
-  assert np.all(np.abs(np.asarray(memory.student)) <= 1 / math.sqrt(2.0))
-
-  for head in ["student_embed", "teacher_embed"]:  # both heads are trained
-    assert np.abs(param_grads[head]["kernel"]).sum() > 0
-  for bank in memory_grads:  # the memory is not
-    np.testing.assert_array_equal(bank, 0.0)
-  np.testing.assert_array_equal(teacher_grad, 0.0)  # nor the teacher network
-
-  rows = 0.5 * np.asarray(memory.teacher)[indices] + 0.5 * np.asarray(t)
-  np.testing.assert_allclose(updated.teacher[indices], rows / np.linalg.norm(rows, axis=1, keepdims=True), rtol=1e-5)
-  untouched = np.setdiff1d(np.arange(32), indices)
-  np.testing.assert_array_equal(updated.student[untouched], memory.student[untouched])
-  np.testing.assert_allclose(np.linalg.norm(updated.student[indices], axis=1), 1.0, rtol=1e-6)
-
-
-def test_crd_loss_prefers_the_positive_and_is_per_example_with_fixed_normalizers():
-  @jax.jit
-  def losses():
-    memory = relations.crd_init_memory(jax.random.key(3), 64, 8)
-    memory = relations.CRDMemory(*(m / jnp.linalg.norm(m, axis=1, keepdims=True) for m in memory))
-    indices = jnp.array([1, 2, 3, 4])
-    contrast = relations.crd_sample_contrast_indices(jax.random.key(4), indices, num_negatives=16, num_data=64)
-    aligned_s, aligned_t = memory.teacher[indices], memory.student[indices]  # each embedding matches its positive
-    random_s = relations.crd_init_memory(jax.random.key(5), 4, 8).student
-    random_s = random_s / jnp.linalg.norm(random_s, axis=1, keepdims=True)
-    log_z = relations.crd_log_normalizers(aligned_s, aligned_t, memory, contrast)
-    aligned = relations.crd_loss(aligned_s, aligned_t, memory, contrast, log_normalizers=log_z)
-    shuffled = relations.crd_loss(random_s, aligned_t, memory, contrast, log_normalizers=log_z)
-    per_example = jax.vmap(
-      lambda s, t, c: relations.crd_loss(s[None], t[None], memory, c[None], log_normalizers=log_z)[0]
-    )(aligned_s, aligned_t, contrast)
-    return aligned, shuffled, per_example
-
-  aligned, shuffled, per_example = losses()
-  assert np.all(np.asarray(aligned) < np.asarray(shuffled))
-  np.testing.assert_allclose(per_example, aligned, rtol=1e-5)
-
-
 # ---------------------------------------------------------------- errors
 
 
@@ -378,20 +260,3 @@ def test_errors_name_the_shapes():
       fn(s[:1], s[:1])
   with pytest.raises(ValueError, match="taylor_order must be an integer >= 0 or None, got -1"):
     relations.cc_loss(s, s, taylor_order=-1)
-
-  memory = relations.crd_init_memory(jax.random.key(0), 10, 5)
-  contrast = np.zeros((4, 3), np.int32)
-  with pytest.raises(ValueError, match=r"both be \[batch, embed_dim\], got \(4, 5\) and \(4, 6\)"):
-    relations.crd_loss(s, np.zeros((4, 6)), memory, contrast)
-  with pytest.raises(ValueError, match=r"embed_dim 5, got student \(10, 4\)"):
-    relations.crd_loss(s, s, relations.crd_init_memory(jax.random.key(0), 10, 4), contrast)
-  with pytest.raises(ValueError, match=r"contrast_indices must be integer \[batch, 1 \+ num_negatives\] = \(4, >= 2\)"):
-    relations.crd_loss(s, s, memory, np.zeros((4, 1), np.int32))
-  with pytest.raises(ValueError, match="temperature must be > 0"):
-    relations.crd_loss(s, s, memory, contrast, temperature=0.0)
-  with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\), got 1.0"):
-    relations.crd_update_memory(memory, np.arange(4), s, s, momentum=1.0)
-  with pytest.raises(ValueError, match=r"teacher_embed must be \[batch, embed_dim\] = \(4, 5\), got \(4, 6\)"):
-    relations.crd_update_memory(memory, np.arange(4), s, np.zeros((4, 6)))
-  with pytest.raises(ValueError, match="indices must be integer dataset indices"):
-    relations.crd_sample_contrast_indices(jax.random.key(0), np.zeros(4), num_negatives=3, num_data=10)

@@ -1,4 +1,4 @@
-"""Tests for jaxkd.train on 4 fake CPU devices (tests/conftest.py sets the XLA flag)."""
+"""Tests for jaxkd.train (the step) on 4 fake CPU devices (tests/conftest.py sets the XLA flag)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,11 @@ import pytest
 from flax import nnx
 
 from jaxkd import train
+from jaxkd.losses import distillation_loss
+from jaxkd.modeling import from_nnx
 from jaxkd.models import MLP, ResNet
+from jaxkd.placement import Placement, as_placement, pmean_inexact, psum
+from jaxkd.state import TrainState, create_train_state
 
 NUM_DEVICES = 4
 NUM_CLASSES = 5
@@ -26,7 +30,7 @@ pytestmark = pytest.mark.skipif(
 
 
 class SyncBNNet(nn.Module):
-  """Dense-BatchNorm-Dense; BatchNorm synchronised over 'batch', so any split of the batch gives the same numbers."""
+  """Dense-BatchNorm-Dense; BatchNorm synchronised over 'data', so any split of the batch gives the same numbers."""
 
   num_classes: int = NUM_CLASSES
 
@@ -34,7 +38,7 @@ class SyncBNNet(nn.Module):
   def __call__(self, x, *, train: bool = False):
     x = x.reshape((x.shape[0], -1))
     x = nn.Dense(16)(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, axis_name="batch")(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, axis_name="data")(x)
     return nn.Dense(self.num_classes)(nn.relu(x))
 
 
@@ -53,28 +57,23 @@ def _teacher(num_classes: int = NUM_CLASSES):
   return teacher, jax.jit(teacher.init)(jax.random.key(1), np.zeros((1, 4, 4, 1), np.float32))
 
 
-def _state(model: nn.Module | None = None, tx=None) -> train.TrainState:
+def _state(model: nn.Module | None = None, tx=None) -> TrainState:
   model = model or SyncBNNet()
   tx = tx or optax.sgd(0.1, momentum=0.9)
-  return train.create_train_state(model, tx, np.zeros((1, 4, 4, 1), np.float32), rng=jax.random.key(0))
+  return create_train_state(model, tx, np.zeros((1, 4, 4, 1), np.float32), rng=jax.random.key(0))
 
 
-def _place(parallel: str, state, teacher_variables, batch):
-  """Puts state, teacher and batch in the layout each mode expects."""
-  if parallel == "pmap":
-    return train.replicate(state), train.replicate(teacher_variables), train.split_for_pmap(batch)
-  if parallel == "shard_map":
-    mesh = train.make_mesh()
-    return (
-      train.put_replicated(state, mesh),
-      train.put_replicated(teacher_variables, mesh),
-      train.shard_batch(batch, mesh),
-    )
-  return state, teacher_variables, batch
+PLACEMENTS = ("single", "pmap", "data_parallel")
 
 
-def _host(parallel: str, tree):
-  return jax.device_get(train.unreplicate(tree) if parallel == "pmap" else tree)
+def _place(placement: str, state, teacher_variables):
+  """Puts state and teacher where the placement wants them; batches go in flat, in every placement."""
+  placement = as_placement(placement)
+  return placement.put(state), placement.put(teacher_variables)
+
+
+def _host(placement: str, tree):
+  return as_placement(placement).to_host(tree)
 
 
 def _max_abs_diff(a, b) -> float:
@@ -83,22 +82,25 @@ def _max_abs_diff(a, b) -> float:
   return max(jax.tree.leaves(diffs))
 
 
-def _run(parallel: str, batches, *, model=None, **step_kwargs):
+def _run(placement, batches, *, model=None, **step_kwargs):
   teacher, teacher_variables = _teacher()
-  step = train.make_train_step(teacher_apply_fn=teacher.apply, parallel=parallel, **step_kwargs)
-  state, placed_teacher, _ = _place(parallel, _state(model), teacher_variables, batches[0])
+  step = train.make_train_step(teacher_apply_fn=teacher.apply, placement=placement, **step_kwargs)
+  state, placed_teacher = step.placement.put(_state(model)), step.placement.put(teacher_variables)
   for batch in batches:
-    state, metrics = step(state, placed_teacher, _place(parallel, None, None, batch)[2])
-  return _host(parallel, state), _host(parallel, metrics)
+    state, metrics = step(state, placed_teacher, batch)
+  return step.placement.to_host(state), step.placement.to_host(metrics)
 
 
-def test_pmap_shard_map_and_single_device_agree():
+def test_pmap_data_parallel_and_single_device_agree():
   batches = [_data(seed=s) for s in range(3)]
   kwargs = dict(temperature=2.0, alpha=0.7)
-  results = {mode: _run(mode, batches, **kwargs) for mode in ("single", "pmap", "shard_map")}
+  results = {mode: _run(mode, batches, **kwargs) for mode in PLACEMENTS}
+  # Meshes of 1, 2 and 4 devices: one device is a one-device mesh, not another code path.
+  for n in (1, 2):
+    results[f"mesh{n}"] = _run(Placement.data_parallel(jax.devices()[:n]), batches, **kwargs)
   single_state, single_metrics = results["single"]
   assert int(single_state.step) == 3
-  for mode in ("pmap", "shard_map"):
+  for mode in ("pmap", "data_parallel", "mesh1", "mesh2"):
     state, metrics = results[mode]
     assert int(state.step) == 3
     # BatchNorm statistics included: they are part of what must agree.
@@ -110,7 +112,7 @@ def test_pmap_shard_map_and_single_device_agree():
   assert _max_abs_diff(single_state.params, _state().params) > 1e-3
 
 
-@pytest.mark.parametrize("parallel", ["single", "pmap", "shard_map"])
+@pytest.mark.parametrize("parallel", ["single", "pmap", "data_parallel"])
 @pytest.mark.parametrize("skip_nonfinite", [True, False])
 def test_step_traces_once_and_donates_the_state(parallel, skip_nonfinite):
   """What the benchmarks rely on: no retracing from step to step, and the state's buffers reused, not copied."""
@@ -121,14 +123,14 @@ def test_step_traces_once_and_donates_the_state(parallel, skip_nonfinite):
     traces.append(type(images).__name__)  # runs when traced (and in the input check's eval_shape), not per call
     return teacher.apply(variables, images, **kwargs)
 
-  step = train.make_train_step(teacher_apply_fn=counting_apply, parallel=parallel, skip_nonfinite=skip_nonfinite)
-  state, placed_teacher, _ = _place(parallel, _state(), teacher_variables, _data())
-  state, _ = step(state, placed_teacher, _place(parallel, None, None, _data(seed=1))[2])
+  step = train.make_train_step(teacher_apply_fn=counting_apply, placement=parallel, skip_nonfinite=skip_nonfinite)
+  state, placed_teacher = _place(parallel, _state(), teacher_variables)
+  state, _ = step(state, placed_teacher, _data(seed=1))
   traced = len(traces)
   assert traced > 0
   for seed in range(2, 5):
     previous = state
-    state, _ = step(state, placed_teacher, _place(parallel, None, None, _data(seed=seed))[2])
+    state, _ = step(state, placed_teacher, _data(seed=seed))
     assert all(leaf.is_deleted() for leaf in jax.tree.leaves(previous.params)), "state not donated"
   assert len(traces) == traced, f"retraced: {traces}"
   assert int(_host(parallel, state).step) == 4
@@ -148,16 +150,16 @@ def test_resnet_with_per_device_batchnorm_pmap_matches_shard_map():
     return images.reshape(images.shape[0], -1) @ variables["w"]
 
   results = {}
-  for parallel in ("pmap", "shard_map"):
-    state = train.create_train_state(model, optax.sgd(0.1), batches[0]["image"][:1], rng=jax.random.key(0))
-    step = train.make_train_step(teacher_apply_fn=teacher_apply, parallel=parallel)
-    state, placed_teacher, _ = _place(parallel, state, teacher_variables, batches[0])
+  for parallel in ("pmap", "data_parallel"):
+    state = create_train_state(model, optax.sgd(0.1), batches[0]["image"][:1], rng=jax.random.key(0))
+    step = train.make_train_step(teacher_apply_fn=teacher_apply, placement=parallel)
+    state, placed_teacher = _place(parallel, state, teacher_variables)
     for batch in batches:
-      state, _ = step(state, placed_teacher, _place(parallel, None, None, batch)[2])
+      state, _ = step(state, placed_teacher, batch)
     results[parallel] = _host(parallel, state)
   assert jax.tree.leaves(results["pmap"].batch_stats)
-  assert _max_abs_diff(results["pmap"].params, results["shard_map"].params) < 1e-5
-  assert _max_abs_diff(results["pmap"].batch_stats, results["shard_map"].batch_stats) < 1e-5
+  assert _max_abs_diff(results["pmap"].params, results["data_parallel"].params) < 1e-5
+  assert _max_abs_diff(results["pmap"].batch_stats, results["data_parallel"].batch_stats) < 1e-5
 
 
 def test_dropout_is_reproducible_and_differs_across_devices():
@@ -167,8 +169,8 @@ def test_dropout_is_reproducible_and_differs_across_devices():
 
   def run(parallel, batch):
     teacher, teacher_variables = _teacher()
-    step = train.make_train_step(teacher_apply_fn=teacher.apply, parallel=parallel)
-    state, teacher_variables, batch = _place(parallel, _state(model, optax.sgd(0.1)), teacher_variables, batch)
+    step = train.make_train_step(teacher_apply_fn=teacher.apply, placement=parallel)
+    state, teacher_variables = _place(parallel, _state(model, optax.sgd(0.1)), teacher_variables)
     for _ in range(2):
       state, _ = step(state, teacher_variables, batch)
     return _host(parallel, state).params
@@ -191,8 +193,8 @@ def test_training_mask_ignores_padding():
   results = {}
   for parallel, batch in (("single", real), ("pmap", padded)):
     teacher, teacher_variables = _teacher()
-    step = train.make_train_step(teacher_apply_fn=teacher.apply, parallel=parallel)
-    state, teacher_variables, batch = _place(parallel, _state(model), teacher_variables, batch)
+    step = train.make_train_step(teacher_apply_fn=teacher.apply, placement=parallel)
+    state, teacher_variables = _place(parallel, _state(model), teacher_variables)
     for _ in range(2):
       state, metrics = step(state, teacher_variables, batch)
     results[parallel] = _host(parallel, (state.params, metrics))
@@ -202,8 +204,8 @@ def test_training_mask_ignores_padding():
 def test_offline_cached_logits_match_online_teacher():
   teacher, teacher_variables = _teacher()
   batch = _data()
-  online = train.make_train_step(teacher_apply_fn=teacher.apply, temperature=3.0, parallel="single")
-  offline = train.make_train_step(temperature=3.0, parallel="single")
+  online = train.make_train_step(teacher_apply_fn=teacher.apply, temperature=3.0, placement="single")
+  offline = train.make_train_step(temperature=3.0, placement="single")
   cached = {**batch, "teacher_logits": np.asarray(teacher.apply(teacher_variables, batch["image"]))}
   state_online, metrics_online = online(_state(), teacher_variables, batch)
   state_offline, metrics_offline = offline(_state(), None, cached)
@@ -214,9 +216,9 @@ def test_offline_cached_logits_match_online_teacher():
 
 
 def test_no_teacher_trains_with_cross_entropy():
-  step = train.make_train_step(parallel="single", alpha=0.3)
+  step = train.make_train_step(placement="single", alpha=0.3)
   state, metrics = step(_state(), None, _data())
-  assert set(metrics) == {"loss", "ce", "accuracy", "grad_norm", "nonfinite"}
+  assert set(metrics) == {"loss", "ce", "accuracy", "grad_norm", "nonfinite", "loss/ce", "weight/ce"}
   # The loss is the plain cross-entropy, whatever alpha says.
   np.testing.assert_allclose(metrics["loss"], metrics["ce"], rtol=1e-6)
 
@@ -224,13 +226,13 @@ def test_no_teacher_trains_with_cross_entropy():
 def test_teacher_is_frozen_and_gets_no_gradient():
   teacher, teacher_variables = _teacher()
   before = jax.tree.map(np.array, teacher_variables)
-  step = train.make_train_step(teacher_apply_fn=teacher.apply, parallel="single")
+  step = train.make_train_step(teacher_apply_fn=teacher.apply, placement="single")
   state = _state()
   for seed in range(3):
     state, _ = step(state, teacher_variables, _data(seed=seed))
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(teacher_variables), before)
 
-  no_donation = train.make_train_step(teacher_apply_fn=teacher.apply, parallel="single", donate=False)
+  no_donation = train.make_train_step(teacher_apply_fn=teacher.apply, placement="single", donate=False)
   state = _state()
   grads = jax.grad(lambda variables: no_donation(state, variables, _data())[1]["loss"])(teacher_variables)
   assert jax.tree.leaves(grads)
@@ -251,9 +253,9 @@ def test_student_learns_from_soft_targets_only():
   images = rng.normal(size=(256, 4, 4, 1)).astype(np.float32)
   held_out = {"image": rng.normal(size=(256, 4, 4, 1)).astype(np.float32), "label": np.zeros(256, np.int32)}
   student = MLP(hidden_sizes=(32,), num_classes=num_classes)
-  state = train.create_train_state(student, optax.adam(1e-2), images[:1], rng=jax.random.key(0))
-  step = train.make_train_step(teacher_apply_fn=teacher_apply, temperature=2.0, alpha=1.0, parallel="single")
-  evaluate = train.make_eval_step(teacher_apply_fn=teacher_apply, parallel="single")
+  state = create_train_state(student, optax.adam(1e-2), images[:1], rng=jax.random.key(0))
+  step = train.make_train_step(teacher_apply_fn=teacher_apply, temperature=2.0, alpha=1.0, placement="single")
+  evaluate = train.make_eval_step(teacher_apply_fn=teacher_apply, placement="single")
   before = train.summarize_eval(evaluate(state, teacher_variables, held_out))
   for i in range(150):
     rows = slice((i % 4) * 64, (i % 4 + 1) * 64)
@@ -277,36 +279,38 @@ def test_nnx_student_and_nnx_teacher():
       x = x.reshape((x.shape[0], -1))
       return self.out(self.dropout(nnx.relu(self.norm(self.hidden(x)))))
 
-  teacher_apply, teacher_variables = train.from_nnx(NNXNet(NUM_CLASSES, rngs=nnx.Rngs(1)))
+  teacher_apply, teacher_variables = from_nnx(NNXNet(NUM_CLASSES, rngs=nnx.Rngs(1)))
   teacher_before = jax.tree.map(np.array, teacher_variables)
-  state = train.create_train_state(NNXNet(NUM_CLASSES, rngs=nnx.Rngs(0)), optax.adam(1e-2), rng=jax.random.key(0))
+  state = create_train_state(NNXNet(NUM_CLASSES, rngs=nnx.Rngs(0)), optax.adam(1e-2), rng=jax.random.key(0))
   stats_before = jax.tree.map(np.array, state.batch_stats)
   assert jax.tree.leaves(stats_before), "BatchStat variables go to state.batch_stats"
-  step = train.make_train_step(teacher_apply_fn=teacher_apply, temperature=2.0, alpha=1.0, parallel="pmap")
-  state, teacher_variables = train.replicate(state), train.replicate(teacher_variables)
+  step = train.make_train_step(teacher_apply_fn=teacher_apply, temperature=2.0, alpha=1.0, placement="pmap")
+  state, teacher_variables = as_placement("pmap").put(state), as_placement("pmap").put(teacher_variables)
   batch = _data(64)
   losses = []
   for _ in range(30):
-    state, metrics = step(state, teacher_variables, train.split_for_pmap(batch))
-    losses.append(float(train.unreplicate(metrics)["kd_loss"]))
+    state, metrics = step(state, teacher_variables, batch)
+    losses.append(float(as_placement("pmap").unreplicate(metrics)["kd_loss"]))
   assert losses[-1] < 0.5 * losses[0], losses
-  final = train.unreplicate(state)
+  final = as_placement("pmap").unreplicate(state)
   assert _max_abs_diff(final.batch_stats, stats_before) > 1e-3, "running statistics must update"
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(train.unreplicate(teacher_variables)), teacher_before)
+  jax.tree.map(
+    np.testing.assert_array_equal, jax.device_get(as_placement("pmap").unreplicate(teacher_variables)), teacher_before
+  )
 
 
-@pytest.mark.parametrize("parallel", ["single", "pmap", "shard_map"])
+@pytest.mark.parametrize("parallel", ["single", "pmap", "data_parallel"])
 def test_compiles_once(parallel):
   def loss_fn(student_logits, teacher_logits, labels):
-    return train.distillation_loss(student_logits, teacher_logits, labels, 2.0, 0.5)
+    return distillation_loss(student_logits, teacher_logits, labels, 2.0, 0.5)
 
   chex.clear_trace_counter()  # the counter is global: start from zero in each parametrisation
   counted = chex.assert_max_traces(loss_fn, n=1)
   teacher, teacher_variables = _teacher()
-  step = train.make_train_step(teacher_apply_fn=teacher.apply, loss_fn=counted, parallel=parallel)
-  state, teacher_variables, _ = _place(parallel, _state(), teacher_variables, _data())
+  step = train.make_train_step(teacher_apply_fn=teacher.apply, loss_fn=counted, placement=parallel)
+  state, teacher_variables = _place(parallel, _state(), teacher_variables)
   for seed in range(3):
-    state, _ = step(state, teacher_variables, _place(parallel, None, None, _data(seed=seed))[2])
+    state, _ = step(state, teacher_variables, _data(seed=seed))
   assert int(np.asarray(_host(parallel, state.step))) == 3
 
 
@@ -314,7 +318,7 @@ def test_one_device_axis_has_no_all_reduce():
   # A one-participant all-reduce is kept by XLA and copied every gradient buffer each step; on a one-device axis
   # the sum is the value itself, so the step must not emit the collective (benchmarks/README.md).
   def body(x):
-    return train._psum(x, "batch"), train._inexact_pmean(x, "batch")
+    return psum(x, "batch"), pmean_inexact(x, "batch")
 
   one = jax.pmap(body, axis_name="batch", devices=jax.local_devices()[:1])
   hlo_one = one.lower(jnp.ones((1, 8))).as_text()
@@ -326,30 +330,30 @@ def test_one_device_axis_has_no_all_reduce():
 
 def test_nonfinite_loss_skips_the_update():
   teacher, teacher_variables = _teacher()
-  step = train.make_train_step(teacher_apply_fn=teacher.apply, parallel="pmap")
-  state, teacher_variables, _ = _place("pmap", _state(), teacher_variables, _data())
-  state, _ = step(state, teacher_variables, train.split_for_pmap(_data(seed=1)))  # momentum is non-zero now
-  before = jax.device_get(train.unreplicate(state))
+  step = train.make_train_step(teacher_apply_fn=teacher.apply, placement="pmap")
+  state, teacher_variables = _place("pmap", _state(), teacher_variables)
+  state, _ = step(state, teacher_variables, _data(seed=1))  # momentum is non-zero now
+  before = jax.device_get(as_placement("pmap").unreplicate(state))
   bad = _data(seed=2)
   bad["image"][3] = np.nan  # one example on one device poisons the global loss
-  state, metrics = step(state, teacher_variables, train.split_for_pmap(bad))
-  after = jax.device_get(train.unreplicate(state))
-  metrics = train.unreplicate(metrics)
+  state, metrics = step(state, teacher_variables, bad)
+  after = jax.device_get(as_placement("pmap").unreplicate(state))
+  metrics = as_placement("pmap").unreplicate(metrics)
   assert float(metrics["nonfinite"]) == 1.0 and not np.isfinite(float(metrics["loss"]))
   jax.tree.map(np.testing.assert_array_equal, after.params, before.params)
   jax.tree.map(np.testing.assert_array_equal, after.opt_state, before.opt_state)
   jax.tree.map(np.testing.assert_array_equal, after.batch_stats, before.batch_stats)
   assert int(after.step) == int(before.step) + 1  # documented: the step still counts
 
-  state, metrics = step(state, teacher_variables, train.split_for_pmap(_data(seed=3)))
-  assert float(train.unreplicate(metrics)["nonfinite"]) == 0.0
-  assert _max_abs_diff(train.unreplicate(state).params, before.params) > 0
+  state, metrics = step(state, teacher_variables, _data(seed=3))
+  assert float(as_placement("pmap").unreplicate(metrics)["nonfinite"]) == 0.0
+  assert _max_abs_diff(as_placement("pmap").unreplicate(state).params, before.params) > 0
 
 
 def test_skip_nonfinite_false_applies_every_update():
   teacher, teacher_variables = _teacher()
-  guarded = train.make_train_step(teacher_apply_fn=teacher.apply, parallel="single")
-  unguarded = train.make_train_step(teacher_apply_fn=teacher.apply, parallel="single", skip_nonfinite=False)
+  guarded = train.make_train_step(teacher_apply_fn=teacher.apply, placement="single")
+  unguarded = train.make_train_step(teacher_apply_fn=teacher.apply, placement="single", skip_nonfinite=False)
   assert guarded.skip_nonfinite and not unguarded.skip_nonfinite
   # The guard is the conditional and the gradient norm; without it neither is in the program.
   args = (_state(), teacher_variables, _data())
@@ -388,7 +392,7 @@ def test_bfloat16_compute():
   results = {}
   for dtype in (None, jnp.bfloat16):
     seen_dtypes.clear()
-    step = train.make_train_step(teacher_apply_fn=teacher.apply, parallel="single", compute_dtype=dtype)
+    step = train.make_train_step(teacher_apply_fn=teacher.apply, placement="single", compute_dtype=dtype)
     state = _state(Net(), optax.sgd(0.1))
     for batch in batches:
       state, metrics = step(state, teacher_variables, batch)
@@ -406,18 +410,20 @@ def test_bfloat16_compute():
 def test_eval_counts_each_real_example_once():
   teacher, teacher_variables = _teacher()
   state = _state()
-  state, _ = train.make_train_step(teacher_apply_fn=teacher.apply, parallel="single")(state, teacher_variables, _data())
+  state, _ = train.make_train_step(teacher_apply_fn=teacher.apply, placement="single")(
+    state, teacher_variables, _data()
+  )
   real = _data(30, seed=5)
   padded = {
     "image": np.concatenate([real["image"], np.zeros((2, 4, 4, 1), np.float32)]),
     "label": np.concatenate([real["label"], np.zeros(2, np.int32)]),
     "mask": np.arange(32) < 30,
   }
-  expected = train.make_eval_step(teacher_apply_fn=teacher.apply, parallel="single")(state, teacher_variables, real)
+  expected = train.make_eval_step(teacher_apply_fn=teacher.apply, placement="single")(state, teacher_variables, real)
   assert int(expected["count"]) == 30
-  for parallel in ("pmap", "shard_map"):
-    evaluate = train.make_eval_step(teacher_apply_fn=teacher.apply, parallel=parallel)
-    sums = _host(parallel, evaluate(*_place(parallel, state, teacher_variables, padded)))
+  for parallel in ("pmap", "data_parallel"):
+    evaluate = train.make_eval_step(teacher_apply_fn=teacher.apply, placement=parallel)
+    sums = _host(parallel, evaluate(*_place(parallel, state, teacher_variables), padded))
     assert set(sums) == set(expected)
     for name in ("count", "correct", "teacher_correct", "agreement"):
       assert int(sums[name]) == int(expected[name]), (parallel, name)
@@ -434,20 +440,20 @@ def test_eval_counts_each_real_example_once():
 
 def test_create_train_state():
   # A list-valued attribute makes a linen module unhashable; init must still work.
-  state = train.create_train_state(MLP(hidden_sizes=[8], num_classes=3), optax.sgd(0.1), np.zeros((1, 4)), rng=0)
+  state = create_train_state(MLP(hidden_sizes=[8], num_classes=3), optax.sgd(0.1), np.zeros((1, 4)), rng=0)
   assert state.params["Dense_1"]["kernel"].shape == (8, 3)
   assert state.batch_stats == {} and state.step.dtype == jnp.int32 and int(state.step) == 0
   assert jnp.issubdtype(state.rng.dtype, jax.dtypes.prng_key)
   with pytest.raises(ValueError, match="needs example_input"):
-    train.create_train_state(MLP(), optax.sgd(0.1), rng=0)
+    create_train_state(MLP(), optax.sgd(0.1), rng=0)
 
 
 def test_replicate_round_trip_keeps_typed_keys():
   state = _state()
-  replicated = train.replicate(state)
+  replicated = as_placement("pmap").put(state)
   assert replicated.step.shape == (NUM_DEVICES,)
   assert jnp.issubdtype(replicated.rng.dtype, jax.dtypes.prng_key) and replicated.rng.shape == (NUM_DEVICES,)
-  back = train.unreplicate(replicated)
+  back = as_placement("pmap").unreplicate(replicated)
   assert jax.random.key_data(back.rng).tolist() == jax.random.key_data(state.rng).tolist()
   assert _max_abs_diff(back.params, state.params) == 0
 
@@ -465,29 +471,24 @@ def _bad_step(parallel: str, teacher_num_classes: int | None = NUM_CLASSES):
   if teacher_num_classes is not None:
     teacher, teacher_variables = _teacher(teacher_num_classes)
     teacher_apply = teacher.apply
-  step = train.make_train_step(teacher_apply_fn=teacher_apply, loss_fn=_never_traced, parallel=parallel)
+  step = train.make_train_step(teacher_apply_fn=teacher_apply, loss_fn=_never_traced, placement=parallel)
   return step, teacher_variables
-
-
-def test_error_pmap_leading_axis_not_device_count():
-  step, teacher_variables = _bad_step("pmap")
-  batch = jax.tree.map(lambda x: x.reshape(2, 16, *x.shape[1:]), _data())
-  with pytest.raises(ValueError, match=r"local_devices=4.*got shape \(2, 16, 4, 4, 1\)"):
-    step(train.replicate(_state()), train.replicate(teacher_variables), batch)
 
 
 def test_error_pmap_state_not_replicated():
   step, teacher_variables = _bad_step("pmap")
-  with pytest.raises(ValueError, match=r"state replicated over the 4 local devices.*use replicate\(state\)"):
-    step(_state(), train.replicate(teacher_variables), train.split_for_pmap(_data()))
+  with pytest.raises(ValueError, match=r"state replicated over the 4 local devices.*placement.put\(state\)"):
+    step(_state(), as_placement("pmap").put(teacher_variables), _data())
 
 
-def test_error_batch_does_not_divide_over_devices():
-  step, teacher_variables = _bad_step("shard_map")
-  with pytest.raises(ValueError, match=r"batch size 30 .* does not divide over the 4 devices"):
-    step(_state(), teacher_variables, _data(30))
+@pytest.mark.parametrize("placement", ["pmap", "data_parallel"])
+def test_error_batch_does_not_divide_over_devices(placement):
+  step, teacher_variables = _bad_step(placement)
+  state, teacher_variables = _place(placement, _state(), teacher_variables)
+  with pytest.raises(ValueError, match=r"batch size 30 of batch\['image'\] does not divide over the 4 devices"):
+    step(state, teacher_variables, _data(30))
   with pytest.raises(ValueError, match=r"batch size 30 does not divide over 4 devices"):
-    train.split_for_pmap(_data(30))
+    as_placement("pmap").split_for_pmap(_data(30))
 
 
 def test_error_student_and_teacher_classes_differ():
@@ -506,14 +507,16 @@ def test_error_labels_out_of_range():
   step, teacher_variables = _bad_step("single")
   batch = _data()
   batch["label"][4] = NUM_CLASSES
-  with pytest.raises(ValueError, match=r"labels must be in \[0, num_classes=5\), got values in \[0, 5\]"):
+  with pytest.raises(
+    ValueError, match=r"labels must be in \[0, num_classes=5\) \(or -100, ignored\), got values in \[0, 5\]"
+  ):
     step(_state(), teacher_variables, batch)
   batch["label"][4] = -1
   with pytest.raises(ValueError, match=r"got values in \[-1, 4\]"):
     step(_state(), teacher_variables, batch)
   # Padding rows may hold anything: only real examples are checked.
   batch["mask"] = np.arange(32) != 4
-  evaluate = train.make_eval_step(teacher_apply_fn=_teacher()[0].apply, parallel="single")
+  evaluate = train.make_eval_step(teacher_apply_fn=_teacher()[0].apply, placement="single")
   assert int(evaluate(_state(), teacher_variables, batch)["count"]) == 31
 
 
@@ -530,9 +533,100 @@ def test_error_two_teacher_sources_and_bad_modes():
   step, teacher_variables = _bad_step("single")
   with pytest.raises(ValueError, match="both teacher_apply_fn and batch\\['teacher_logits'\\]"):
     step(_state(), teacher_variables, {**_data(), "teacher_logits": np.zeros((32, 5), np.float32)})
-  with pytest.raises(ValueError, match="parallel must be one of"):
-    train.make_train_step(parallel="pjit")
+  with pytest.raises(ValueError, match="placement must be a jaxkd.Placement or one of"):
+    train.make_train_step(placement="pjit")
   with pytest.raises(ValueError, match="alpha must be in"):
     train.make_train_step(alpha=1.5)
+  # NumPy and JAX scalars are values too (np.array(1.5) once gave the label term weight -0.5).
+  with pytest.raises(ValueError, match="alpha must be in"):
+    train.make_train_step(alpha=np.array(1.5))
+  with pytest.raises(ValueError, match="alpha must be in"):
+    train.make_train_step(alpha=jnp.asarray(-0.1))
   with pytest.raises(ValueError, match="temperature must be"):
     train.make_train_step(temperature=0.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Objectives, schedules, several steps per call.
+
+
+def test_default_loss_is_distillation_loss_bit_for_bit():
+  """make_train_step(temperature, alpha) is the two-term objective; its loss is distillation_loss's, exactly."""
+  teacher, teacher_variables = _teacher()
+  model = MLP(hidden_sizes=(32,), num_classes=NUM_CLASSES)
+  state = _state(model)
+  batch = _data()
+  step = train.make_train_step(
+    teacher_apply_fn=teacher.apply, temperature=3.0, alpha=0.7, placement="single", donate=False
+  )
+  _, metrics = step(state, teacher_variables, batch)
+  student_logits = model.apply({"params": state.params}, batch["image"])
+  teacher_logits = teacher.apply(teacher_variables, batch["image"])
+  per_example = distillation_loss(student_logits, teacher_logits, batch["label"], 3.0, 0.7)
+  expected = jnp.sum(per_example) / np.float32(32)
+  np.testing.assert_array_equal(np.asarray(metrics["loss"]), np.asarray(expected))
+  assert float(metrics["weight/kd"]) == pytest.approx(0.7) and float(metrics["weight/ce"]) == pytest.approx(0.3)
+
+
+def test_temperature_and_alpha_schedules():
+  teacher, teacher_variables = _teacher()
+  temperature = optax.linear_schedule(4.0, 1.0, transition_steps=3)
+  alpha = optax.linear_schedule(1.0, 0.5, transition_steps=3)
+  step = train.make_train_step(
+    teacher_apply_fn=teacher.apply, temperature=temperature, alpha=alpha, placement="single", donate=False
+  )
+  state = _state(MLP(hidden_sizes=(32,), num_classes=NUM_CLASSES))
+  logged = []
+  for seed in range(4):
+    state, metrics = step(state, teacher_variables, _data(seed=seed))
+    logged.append((float(metrics["temperature"]), float(metrics["weight/kd"]), float(metrics["weight/ce"])))
+  np.testing.assert_allclose(logged, [(4, 1, 0), (3, 5 / 6, 1 / 6), (2, 2 / 3, 1 / 3), (1, 0.5, 0.5)], rtol=1e-6)
+  # A constant schedule is the constant: same loss and update.
+  constant = train.make_train_step(
+    teacher_apply_fn=teacher.apply, temperature=lambda s: 2.0, alpha=lambda s: 0.3, placement="single", donate=False
+  )
+  plain = train.make_train_step(
+    teacher_apply_fn=teacher.apply, temperature=2.0, alpha=0.3, placement="single", donate=False
+  )
+  a, metrics_a = constant(_state(), teacher_variables, _data())
+  b, metrics_b = plain(_state(), teacher_variables, _data())
+  np.testing.assert_allclose(metrics_a["loss"], metrics_b["loss"], rtol=1e-6)
+  assert _max_abs_diff(a.params, b.params) < 1e-6
+
+
+def test_loss_fn_sees_the_batch():
+  teacher, teacher_variables = _teacher()
+  seen = {}
+
+  def loss_fn(student_logits, teacher_logits, labels, *, batch):
+    seen.update(batch)
+    return jnp.where(batch["weight"] > 0, distillation_loss(student_logits, teacher_logits, labels, 2.0, 0.5), 0.0)
+
+  batch = {**_data(), "weight": np.ones(32, np.float32)}
+  step = train.make_train_step(teacher_apply_fn=teacher.apply, loss_fn=loss_fn, placement="single")
+  _, metrics = step(_state(), teacher_variables, batch)
+  assert "weight" in seen and float(metrics["loss"]) > 0
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_steps_per_call_equals_single_steps_bit_for_bit(placement):
+  teacher, teacher_variables = _teacher()
+  batches = [_data(seed=s) for s in range(4)]
+  model = MLP(hidden_sizes=(32,), num_classes=NUM_CLASSES, dropout_rate=0.2)
+  one = train.make_train_step(teacher_apply_fn=teacher.apply, temperature=2.0, placement=placement)
+  four = train.make_train_step(teacher_apply_fn=teacher.apply, temperature=2.0, placement=placement, steps_per_call=4)
+  state, placed_teacher = _place(placement, _state(model, optax.adam(1e-2)), teacher_variables)
+  single_metrics = []
+  for batch in batches:
+    state, metrics = one(state, placed_teacher, batch)
+    single_metrics.append(_host(placement, metrics))
+  stacked = jax.tree.map(lambda *xs: np.stack(xs), *batches)  # [4, 32, ...]
+  scanned_state, scanned_metrics = four(*_place(placement, _state(model, optax.adam(1e-2)), teacher_variables), stacked)
+  state, scanned_state = _host(placement, state), _host(placement, scanned_state)
+  assert int(scanned_state.step) == 4
+  jax.tree.map(np.testing.assert_array_equal, scanned_state.params, state.params)
+  jax.tree.map(np.testing.assert_array_equal, scanned_state.opt_state, state.opt_state)
+  scanned_metrics = _host(placement, scanned_metrics)
+  for i, metrics in enumerate(single_metrics):
+    for name, value in metrics.items():
+      np.testing.assert_array_equal(scanned_metrics[name][i], value, err_msg=f"step {i}: {name}")

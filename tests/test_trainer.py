@@ -1,4 +1,5 @@
-"""The training loop: exact resume, SIGTERM save-and-resume, non-finite handling, best-checkpoint retention."""
+"""The training loop: exact resume, SIGTERM save-and-resume, non-finite handling, best-checkpoint retention, hooks,
+steps_per_call, TensorBoard, prefetched data."""
 
 import os
 import pathlib
@@ -14,8 +15,11 @@ import optax
 import pytest
 
 from jaxkd import checkpoint as ckpt
-from jaxkd import train, trainer
+from jaxkd import data, hooks, train, trainer
+from jaxkd import state as state_lib
+from jaxkd.metrics import read_metrics
 from jaxkd.models import MLP
+from jaxkd.placement import Placement
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import _fit_worker  # noqa: E402
@@ -25,6 +29,11 @@ WORKER = pathlib.Path(__file__).parent / "_fit_worker.py"
 
 def leaves(tree):
   return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
+
+
+def trained(state):
+  """What training changes: params, optimizer state, step (not the key or the model)."""
+  return leaves((state.params, state.opt_state, state.step))
 
 
 def test_stop_and_resume_is_bit_identical(tmp_path):
@@ -100,9 +109,9 @@ class _NaNAfter:
     return {"image": images, "label": np.zeros(8, np.int32)}
 
 
-def _tiny_state() -> train.TrainState:
+def _tiny_state() -> state_lib.TrainState:
   model = MLP(hidden_sizes=(4,), num_classes=2)
-  return train.create_train_state(model, optax.sgd(0.1), np.zeros((1, 2, 2, 1), np.float32), rng=0)
+  return state_lib.create_train_state(model, optax.sgd(0.1), np.zeros((1, 2, 2, 1), np.float32), rng=0)
 
 
 def _fit(state, step, train_data, workdir, **kwargs):
@@ -112,7 +121,6 @@ def _fit(state, step, train_data, workdir, **kwargs):
     train_step=step,
     train_data=train_data,
     num_steps=50,
-    parallel="single",
     workdir=workdir,
     progress=False,
     **kwargs,
@@ -121,7 +129,7 @@ def _fit(state, step, train_data, workdir, **kwargs):
 
 def test_nonfinite_steps_are_skipped_then_reported(tmp_path):
   state = _tiny_state()
-  step = train.make_train_step(parallel="single")
+  step = train.make_train_step(placement="single")
   with pytest.raises(trainer.NonFiniteLossError, match=r"5 consecutive steps up to step 8"):
     _fit(state, step, _NaNAfter(3), tmp_path, log_every=1, max_consecutive_nonfinite=5)
   # The last good parameters were saved, not NaNs.
@@ -132,7 +140,7 @@ def test_nonfinite_steps_are_skipped_then_reported(tmp_path):
 
 def test_applied_nonfinite_step_stops_before_it_is_saved(tmp_path):
   state = _tiny_state()
-  step = train.make_train_step(parallel="single", skip_nonfinite=False)
+  step = train.make_train_step(placement="single", skip_nonfinite=False)
   # Steps 4-6 are NaN and applied; the save due at step 6 must not write that state.
   with pytest.raises(trainer.NonFiniteLossError, match=r"3 step\(s\) up to step 6 .* skip_nonfinite=False"):
     _fit(state, step, _NaNAfter(3), tmp_path, checkpoint_every=3, log_every=100)
@@ -148,7 +156,7 @@ def test_applied_nan_gradient_with_a_finite_loss_is_not_saved(tmp_path):
     # Finite value (0), NaN gradient (d sqrt(u)/du at 0 is inf, times 0).
     return jnp.sqrt(jnp.sum(logits * 0.0, axis=-1))
 
-  step = train.make_train_step(parallel="single", loss_fn=loss_fn, skip_nonfinite=False)
+  step = train.make_train_step(placement="single", loss_fn=loss_fn, skip_nonfinite=False)
   teacher_logits = np.zeros((8, 2), np.float32)
 
   class Data:
@@ -176,10 +184,9 @@ def test_eval_and_best_checkpoint(tmp_path):
 
   result = trainer.fit(
     state,
-    train_step=train.make_train_step(parallel="single"),
+    train_step=train.make_train_step(placement="single"),
     train_data=Data(),
     num_steps=10,
-    parallel="single",
     workdir=tmp_path,
     eval_fn=lambda s: {"accuracy": next(scores)},
     eval_every=2,
@@ -192,3 +199,157 @@ def test_eval_and_best_checkpoint(tmp_path):
   manager = ckpt.Checkpointer(tmp_path / "checkpoints", best_metric="accuracy")
   assert manager.all_steps() == [4, 10]
   assert manager.best_step() == 4
+
+
+class _Ones:
+  def __next__(self):
+    return {"image": np.ones((8, 2, 2, 1), np.float32), "label": np.zeros(8, np.int32)}
+
+
+def test_user_hooks_run_at_their_steps_and_see_the_loop(tmp_path):
+  seen = {"periodic": [], "every_call": [], "stop": []}
+
+  class Every3(hooks.Hook):
+    def run(self, step, loop):
+      seen["periodic"].append((step, loop.summary_step == step))
+
+  def every_call(step, loop):
+    seen["every_call"].append(step)
+
+  stop_hook = hooks.Callback(lambda step, loop: seen["stop"].append((step, loop.stop_reason)), every=0, on_stop=True)
+  trainer.fit(
+    _tiny_state(),
+    train_step=train.make_train_step(placement="single"),
+    train_data=_Ones(),
+    num_steps=10,
+    log_every=3,
+    hooks=[Every3(3), every_call, stop_hook],
+    progress=False,
+  )
+  # Multiples of 3 and the last step; the metrics hook ran before (its summary is this step's).
+  assert seen["periodic"] == [(3, True), (6, True), (9, True), (10, True)]
+  assert seen["every_call"] == list(range(1, 11))
+  assert seen["stop"] == [(10, None)]  # at_end; no stop
+  seen["stop"].clear()
+  result = trainer.fit(
+    _tiny_state(),
+    train_step=train.make_train_step(placement="single"),
+    train_data=_Ones(),
+    num_steps=10,
+    stop_after=4,
+    hooks=[stop_hook],
+    progress=False,
+  )
+  assert result.preempted and result.step == 4
+  assert seen["stop"] == [(4, "stop_after")]
+  with pytest.raises(TypeError, match="a hook must be"):
+    trainer.fit(
+      _tiny_state(),
+      train_step=train.make_train_step(placement="single"),
+      train_data=_Ones(),
+      num_steps=1,
+      hooks=[3],
+      progress=False,
+    )
+
+
+def test_metrics_go_to_jsonl_and_tensorboard(tmp_path):
+  result = trainer.fit(
+    _tiny_state(),
+    train_step=train.make_train_step(placement="single"),
+    train_data=_Ones(),
+    num_steps=6,
+    workdir=tmp_path,
+    log_every=3,
+    eval_fn=lambda state: {"accuracy": 0.5},
+    eval_every=3,
+    progress=False,
+  )
+  assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+  records = read_metrics(tmp_path)
+  train_records = [r for r in records if "loss" in r]
+  eval_records = [r for r in records if "eval_accuracy" in r]
+  assert [r["step"] for r in train_records] == [3, 6] and [r["step"] for r in eval_records] == [3, 6]
+  assert all({"time", "accuracy", "nonfinite", "steps_per_s"} <= set(r) for r in train_records)
+  assert train_records[-1]["steps"] == 3
+  assert result.train_metrics["loss"] == pytest.approx(train_records[-1]["loss"])
+  assert result.eval_metrics == {"accuracy": 0.5}
+  trainer.fit(
+    _tiny_state(),
+    train_step=train.make_train_step(placement="single"),
+    train_data=_Ones(),
+    num_steps=3,
+    workdir=tmp_path / "plain",
+    tensorboard=False,
+    progress=False,
+  )
+  assert (tmp_path / "plain" / "metrics.jsonl").exists() and not (tmp_path / "plain" / "tensorboard").exists()
+
+
+def _distill_run(workdir, steps_per_call, **kwargs):
+  rng = np.random.default_rng(0)
+  images = rng.standard_normal((64, 4, 4, 1)).astype(np.float32)
+  labels = (images.reshape(64, -1).sum(-1) > 0).astype(np.int32)
+  teacher = MLP(hidden_sizes=(8,), num_classes=2)
+  teacher_variables = teacher.init(jax.random.key(1), images[:1])
+  student = MLP(hidden_sizes=(16,), num_classes=2, dropout_rate=0.2)
+  state = state_lib.create_train_state(student, optax.adam(1e-2), images[:1], rng=3)
+  step = train.make_train_step(
+    teacher_apply_fn=teacher.apply, temperature=2.0, alpha=0.7, placement="single", steps_per_call=steps_per_call
+  )
+  kwargs = {
+    "train_data": _fit_worker.ArrayIterator(images, labels, 16),
+    "log_every": 4,
+    "checkpoint_every": 4,
+    "progress": False,
+    **kwargs,
+  }
+  return trainer.fit(
+    state, train_step=step, num_steps=8, teacher_variables=teacher_variables, workdir=workdir, **kwargs
+  )
+
+
+def test_steps_per_call_matches_single_steps(tmp_path):
+  single = _distill_run(tmp_path / "one", 1)
+  scanned = _distill_run(tmp_path / "four", 4)
+  assert scanned.step == single.step == 8
+  for a, b in zip(trained(single.state), trained(scanned.state), strict=True):
+    np.testing.assert_array_equal(a, b)
+  one, four = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "four")
+  assert [r["step"] for r in one] == [r["step"] for r in four] == [4, 8]
+  for a, b in zip(one, four, strict=True):
+    assert a["steps"] == b["steps"] == 4
+    for key in ("loss", "ce", "kd_loss", "accuracy", "grad_norm", "nonfinite"):
+      np.testing.assert_allclose(a[key], b[key], rtol=1e-6, err_msg=key)
+  assert ckpt.Checkpointer(tmp_path / "four" / "checkpoints").all_steps() == [4, 8]
+
+
+@pytest.mark.parametrize(
+  "kwargs, message",
+  [({"log_every": 3}, r"log_every=3"), ({"checkpoint_every": 6, "eval_every": 2}, r"checkpoint_every=6, eval_every=2")],
+)
+def test_steps_per_call_needs_multiples(tmp_path, kwargs, message):
+  kwargs = {"eval_fn": lambda s: {}, **kwargs}
+  with pytest.raises(ValueError, match=message + ".*multiples of train_step.steps_per_call=4"):
+    _distill_run(tmp_path, 4, **kwargs)
+
+
+@pytest.mark.parametrize("steps_per_call", [1, 4])
+def test_prefetched_data_resumes_exactly(tmp_path, steps_per_call):
+  rng = np.random.default_rng(0)
+  images = rng.standard_normal((64, 4, 4, 1)).astype(np.float32)
+  labels = (images.reshape(64, -1).sum(-1) > 0).astype(np.int32)
+
+  def prefetched():
+    # Stacked before prefetching, so whole [steps, batch, ...] groups are placed ahead (fit does not restack).
+    rows = _fit_worker.ArrayIterator(images, labels, 16)
+    return data.DevicePrefetcher(data.stack(rows, steps_per_call), placement=Placement.single())
+
+  full = _distill_run(tmp_path / "full", steps_per_call, train_data=prefetched())
+  first = _distill_run(tmp_path / "split", steps_per_call, train_data=prefetched(), stop_after=4)
+  assert first.preempted and first.step == 4
+  # fit repositions the new prefetcher before its first next().
+  second = _distill_run(tmp_path / "split", steps_per_call, train_data=prefetched())
+  assert second.resumed_from == 4 and second.step == 8
+  for a, b in zip(trained(full.state), trained(second.state), strict=True):
+    np.testing.assert_array_equal(a, b)

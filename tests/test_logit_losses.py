@@ -1,4 +1,4 @@
-"""Tests for the logit-based method catalogue in jaxkd.losses against float64 NumPy references written here.
+"""Tests for jaxkd.logit_losses against float64 NumPy references written here.
 
 DKD (Zhao et al. 2022), DIST (Huang et al. 2022), logit standardisation (Sun et al. 2024), reverse KL and the
 generalised Jensen-Shannon divergence of GKD (Agarwal et al. 2024).
@@ -14,7 +14,8 @@ import pytest
 from absl.testing import parameterized
 from jax.test_util import check_grads
 
-from jaxkd import losses
+import jaxkd
+from jaxkd import logit_losses, losses
 
 # ---------------------------------------------------------------- NumPy references, from the papers' formulas
 
@@ -101,7 +102,7 @@ class ReferenceTest(chex.TestCase):
   def test_dkd(self, shape, temperature, alpha, beta):
     s, t = random_logits(shape, 0), random_logits(shape, 1)
     labels = random_labels(shape[:-1], shape[-1], 2)
-    fn = self.variant(lambda s, t, y: losses.dkd_loss(s, t, y, alpha=alpha, beta=beta, temperature=temperature))
+    fn = self.variant(lambda s, t, y: logit_losses.dkd_loss(s, t, y, alpha=alpha, beta=beta, temperature=temperature))
     out = fn(s, t, labels)
     chex.assert_shape(out, shape[:-1])
     assert out.dtype == jnp.float32
@@ -111,7 +112,7 @@ class ReferenceTest(chex.TestCase):
   @parameterized.parameters(((4, 10), 4.0, 1.0, 1.0), ((2, 3, 5), 1.0, 2.0, 0.5))
   def test_dist(self, shape, temperature, beta, gamma):
     s, t = random_logits(shape, 3), random_logits(shape, 4)
-    fn = self.variant(lambda s, t: losses.dist_loss(s, t, beta=beta, gamma=gamma, temperature=temperature))
+    fn = self.variant(lambda s, t: logit_losses.dist_loss(s, t, beta=beta, gamma=gamma, temperature=temperature))
     out = fn(s, t)
     chex.assert_shape(out, ())
     np.testing.assert_allclose(out, np_dist(s, t, beta, gamma, temperature), rtol=1e-4, atol=1e-5)
@@ -120,9 +121,9 @@ class ReferenceTest(chex.TestCase):
   @parameterized.parameters(((4, 10), 2.0), ((2, 3, 5), 1.0))
   def test_standardize_and_standardized_kd(self, shape, temperature):
     s, t = random_logits(shape, 5), random_logits(shape, 6)
-    z = self.variant(lambda z: losses.standardize_logits(z))(s)
+    z = self.variant(lambda z: logit_losses.standardize_logits(z))(s)
     np.testing.assert_allclose(z, np_standardize(s), rtol=1e-5, atol=1e-5)
-    out = self.variant(lambda s, t: losses.standardized_kd_loss(s, t, temperature=temperature))(s, t)
+    out = self.variant(lambda s, t: logit_losses.standardized_kd_loss(s, t, temperature=temperature))(s, t)
     expected = np_forward_kl(np_standardize(s), np_standardize(t), temperature)
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
 
@@ -130,10 +131,10 @@ class ReferenceTest(chex.TestCase):
   @parameterized.parameters(((4, 10), 1.0, 0.1), ((2, 3, 5), 4.0, 0.5), ((7,), 2.0, 0.9))
   def test_reverse_kl_and_generalized_jsd(self, shape, temperature, beta):
     s, t = random_logits(shape, 7), random_logits(shape, 8)
-    out = self.variant(lambda s, t: losses.reverse_kl_loss(s, t, temperature=temperature))(s, t)
+    out = self.variant(lambda s, t: logit_losses.reverse_kl_loss(s, t, temperature=temperature))(s, t)
     chex.assert_shape(out, shape[:-1])
     np.testing.assert_allclose(out, np_reverse_kl(s, t, temperature), rtol=1e-4, atol=1e-5)
-    out = self.variant(lambda s, t: losses.generalized_jsd_loss(s, t, beta=beta, temperature=temperature))(s, t)
+    out = self.variant(lambda s, t: logit_losses.generalized_jsd_loss(s, t, beta=beta, temperature=temperature))(s, t)
     chex.assert_shape(out, shape[:-1])
     np.testing.assert_allclose(out, np_gjsd(s, t, beta, temperature), rtol=1e-4, atol=1e-6)
 
@@ -148,8 +149,8 @@ def test_dkd_decomposes_classical_kd():
 
   @jax.jit
   def parts(temperature):
-    tckd = losses.dkd_loss(s, t, labels, alpha=1.0, beta=0.0, temperature=temperature)
-    nckd = losses.dkd_loss(s, t, labels, alpha=0.0, beta=1.0, temperature=temperature)
+    tckd = logit_losses.dkd_loss(s, t, labels, alpha=1.0, beta=0.0, temperature=temperature)
+    nckd = logit_losses.dkd_loss(s, t, labels, alpha=0.0, beta=1.0, temperature=temperature)
     return tckd, nckd, losses.kd_loss(s, t, temperature)
 
   for temperature in [1.0, 4.0]:
@@ -162,7 +163,7 @@ def test_dkd_is_accurate_for_a_confident_target():
   """1 - p_y comes from a logsumexp over the other classes: no cancellation when p_y rounds to 1 in float32."""
   s = np.array([[30.0, 0.0, 1.0]], np.float32)
   t = np.array([[25.0, 2.0, 0.0]], np.float32)
-  out = jax.jit(lambda s, t: losses.dkd_loss(s, t, np.array([0]), alpha=1.0, beta=1.0, temperature=1.0))(s, t)
+  out = jax.jit(lambda s, t: logit_losses.dkd_loss(s, t, np.array([0]), alpha=1.0, beta=1.0, temperature=1.0))(s, t)
   np.testing.assert_allclose(out, np_dkd(s, t, np.array([0]), 1.0, 1.0, 1.0)[0], rtol=1e-4)
 
 
@@ -174,9 +175,9 @@ def test_generalized_jsd_limits_are_forward_and_reverse_kl():
   @jax.jit
   def relative_errors(small, temperature):
     forward = losses.kd_loss(s, t, temperature)
-    reverse = losses.reverse_kl_loss(s, t, temperature=temperature)
-    near_zero = losses.generalized_jsd_loss(s, t, beta=small, temperature=temperature) / small
-    near_one = losses.generalized_jsd_loss(s, t, beta=1 - small, temperature=temperature) / small
+    reverse = logit_losses.reverse_kl_loss(s, t, temperature=temperature)
+    near_zero = logit_losses.generalized_jsd_loss(s, t, beta=small, temperature=temperature) / small
+    near_one = logit_losses.generalized_jsd_loss(s, t, beta=1 - small, temperature=temperature) / small
     return jnp.max(jnp.abs(near_zero - forward) / forward), jnp.max(jnp.abs(near_one - reverse) / reverse)
 
   for temperature in [1.0, 2.0]:
@@ -188,7 +189,7 @@ def test_generalized_jsd_limits_are_forward_and_reverse_kl():
 
 def test_generalized_jsd_symmetric_and_bounded_at_one_half():
   s, t = random_logits((6, 9), 14, 10.0), random_logits((6, 9), 15, 10.0)
-  jsd = jax.jit(lambda s, t: losses.generalized_jsd_loss(s, t, beta=0.5))
+  jsd = jax.jit(lambda s, t: logit_losses.generalized_jsd_loss(s, t, beta=0.5))
   half = jsd(s, t)
   np.testing.assert_allclose(half, jsd(t, s), rtol=1e-5)
   assert np.all(np.asarray(half) <= np.log(2) + 1e-6) and np.all(np.asarray(half) >= 0)
@@ -203,12 +204,12 @@ def test_standardized_kd_invariances():
   s, t = random_logits((5, 10), 16), random_logits((5, 10), 17)
   rng = np.random.default_rng(18)
   scale, shift = rng.uniform(0.1, 10.0, (5, 1)).astype(np.float32), rng.normal(size=(5, 1)).astype(np.float32)
-  loss = jax.jit(lambda s, t: losses.standardized_kd_loss(s, t, temperature=2.0))
+  loss = jax.jit(lambda s, t: logit_losses.standardized_kd_loss(s, t, temperature=2.0))
   base = loss(s, t)
   np.testing.assert_allclose(loss(scale * s + shift, t), base, rtol=1e-4)
   np.testing.assert_allclose(loss(s, scale * t - shift), base, rtol=1e-4)
   np.testing.assert_allclose(loss(t, 3.0 * t + 1.0), np.zeros(5), atol=1e-5)
-  z = np.asarray(jax.jit(losses.standardize_logits)(s))
+  z = np.asarray(jax.jit(logit_losses.standardize_logits)(s))
   np.testing.assert_allclose(z.mean(-1), 0.0, atol=1e-6)
   np.testing.assert_allclose(z.std(-1), 1.0, rtol=1e-5)
 
@@ -217,7 +218,7 @@ def test_dist_intra_class_term_is_over_the_batch():
   """The intra-class term correlates each class over the batch: the inter-class term of the transposed
   probabilities. So the loss of a batch is not the mean of its halves' losses."""
   s, t = random_logits((6, 4), 19), random_logits((6, 4), 20)
-  intra = jax.jit(lambda s, t: losses.dist_loss(s, t, beta=0.0, gamma=1.0))
+  intra = jax.jit(lambda s, t: logit_losses.dist_loss(s, t, beta=0.0, gamma=1.0))
   y_s, y_t = np.exp(np_log_softmax(s)), np.exp(np_log_softmax(t))
   np.testing.assert_allclose(intra(s, t), np.mean(1 - np_pearson(y_s.T, y_t.T, axis=1)), rtol=1e-5)
   halves = (intra(s[:3], t[:3]) + intra(s[3:], t[3:])) / 2
@@ -231,7 +232,7 @@ def test_dist_global_batch_over_named_axis():
   mask[1, 2] = mask[3, 0] = False
 
   def value_and_grad(s, t, m, axis_name=None):
-    return jax.value_and_grad(lambda s: losses.dist_loss(s, t, position_mask=m, axis_name=axis_name))(s)
+    return jax.value_and_grad(lambda s: logit_losses.dist_loss(s, t, position_mask=m, axis_name=axis_name))(s)
 
   @jax.jit
   def run(s, t, mask):
@@ -246,10 +247,10 @@ def test_dist_global_batch_over_named_axis():
 def _all_losses(labels):
   """The per-position losses, by name, with the position_mask/temperature keywords they share."""
   return {
-    "dkd": lambda s, t, **kw: losses.dkd_loss(s, t, labels, **kw),
-    "standardized_kd": losses.standardized_kd_loss,
-    "reverse_kl": losses.reverse_kl_loss,
-    "generalized_jsd": lambda s, t, **kw: losses.generalized_jsd_loss(s, t, beta=0.2, **kw),
+    "dkd": lambda s, t, **kw: logit_losses.dkd_loss(s, t, labels, **kw),
+    "standardized_kd": logit_losses.standardized_kd_loss,
+    "reverse_kl": logit_losses.reverse_kl_loss,
+    "generalized_jsd": lambda s, t, **kw: logit_losses.generalized_jsd_loss(s, t, beta=0.2, **kw),
   }
 
 
@@ -284,12 +285,12 @@ def test_check_grads():
   @jax.jit
   def all_outputs(s):
     outputs = [
-      losses.dkd_loss(s, t, labels, alpha=1.0, beta=2.0, temperature=2.0),
-      losses.dist_loss(s, t, temperature=2.0),
-      losses.standardize_logits(s),
-      losses.standardized_kd_loss(s, t),
-      losses.reverse_kl_loss(s, t, temperature=2.0),
-      losses.generalized_jsd_loss(s, t, beta=0.3),
+      logit_losses.dkd_loss(s, t, labels, alpha=1.0, beta=2.0, temperature=2.0),
+      logit_losses.dist_loss(s, t, temperature=2.0),
+      logit_losses.standardize_logits(s),
+      logit_losses.standardized_kd_loss(s, t),
+      logit_losses.reverse_kl_loss(s, t, temperature=2.0),
+      logit_losses.generalized_jsd_loss(s, t, beta=0.3),
     ]
     return jnp.concatenate([jnp.ravel(x) for x in outputs])
 
@@ -299,7 +300,7 @@ def test_check_grads():
 def test_no_gradient_reaches_teacher():
   s, t = random_logits((3, 4), 28), random_logits((3, 4), 29)
   labels = np.array([0, 1, 2])
-  grads = jax.jit(jax.jacrev(lambda t: jnp.append(_stacked(labels)(s, t).sum(1), losses.dist_loss(s, t))))(t)
+  grads = jax.jit(jax.jacrev(lambda t: jnp.append(_stacked(labels)(s, t).sum(1), logit_losses.dist_loss(s, t))))(t)
   np.testing.assert_array_equal(grads, 0.0)
 
 
@@ -339,8 +340,8 @@ def test_dist_position_mask_equals_slicing():
 
   @jax.jit
   def run(s_pad, s):
-    masked = jax.value_and_grad(lambda s: losses.dist_loss(s, t, temperature=2.0, position_mask=mask))(s_pad)
-    return masked, losses.dist_loss(s[mask], t[mask], temperature=2.0)
+    masked = jax.value_and_grad(lambda s: logit_losses.dist_loss(s, t, temperature=2.0, position_mask=mask))(s_pad)
+    return masked, logit_losses.dist_loss(s[mask], t[mask], temperature=2.0)
 
   (value, grad), sliced = run(s_pad, s)
   np.testing.assert_allclose(value, sliced, rtol=1e-5)
@@ -355,16 +356,16 @@ def test_class_where_equals_slicing():
   def all_losses(s, t, **kw):
     return jnp.stack(
       [
-        losses.reverse_kl_loss(s, t, temperature=2.0, **kw),
-        losses.generalized_jsd_loss(s, t, beta=0.7, **kw),
-        losses.standardized_kd_loss(s, t, **kw),
+        logit_losses.reverse_kl_loss(s, t, temperature=2.0, **kw),
+        logit_losses.generalized_jsd_loss(s, t, beta=0.7, **kw),
+        logit_losses.standardized_kd_loss(s, t, **kw),
       ]
     )
 
   @jax.jit
   def run(s):
     grads = jax.jacrev(lambda s: all_losses(s, t, where=keep).sum(1))(s)
-    standardized = losses.standardize_logits(s, where=keep)
+    standardized = logit_losses.standardize_logits(s, where=keep)
     return all_losses(s, t, where=keep), all_losses(s[:, keep], t[:, keep]), grads, standardized
 
   masked, sliced, grads, standardized = run(s)
@@ -393,7 +394,7 @@ def test_huge_and_minus_inf_logits_are_finite():
         [
           with_inf(s, t_inf, temperature=temperature).sum(1),
           finite_only(s, t, temperature=temperature).sum(1),
-          losses.dist_loss(s, t, temperature=temperature)[None],
+          logit_losses.dist_loss(s, t, temperature=temperature)[None],
         ]
       )
 
@@ -415,8 +416,8 @@ def test_constant_logits_are_finite():
 
   @jax.jit
   def run(s):
-    totals = lambda s: jnp.stack([losses.standardized_kd_loss(s, t).sum(), losses.dist_loss(s, t)])  # noqa: E731
-    return losses.standardize_logits(s), totals(s), jax.jacrev(totals)(s)
+    totals = lambda s: jnp.stack([logit_losses.standardized_kd_loss(s, t).sum(), logit_losses.dist_loss(s, t)])  # noqa: E731
+    return logit_losses.standardize_logits(s), totals(s), jax.jacrev(totals)(s)
 
   standardized, values, grads = run(s)
   np.testing.assert_array_equal(standardized, 0.0)
@@ -427,10 +428,23 @@ def test_bfloat16_inputs_compute_in_float32():
   s, t = random_logits((6, 10), 40), random_logits((6, 10), 41)
   labels = np.arange(6)
   s16, t16 = jnp.asarray(s, jnp.bfloat16), jnp.asarray(t, jnp.bfloat16)
-  fn = jax.jit(lambda s, t: jnp.append(_stacked(labels)(s, t), jnp.broadcast_to(losses.dist_loss(s, t), (1, 6)), 0))
+  fn = jax.jit(
+    lambda s, t: jnp.append(_stacked(labels)(s, t), jnp.broadcast_to(logit_losses.dist_loss(s, t), (1, 6)), 0)
+  )
   out = fn(s16, t16)
   assert out.dtype == jnp.float32
   np.testing.assert_allclose(out, fn(np.asarray(s16, np.float32), np.asarray(t16, np.float32)), rtol=1e-6)
+
+
+# ---------------------------------------------------------------- the module split
+
+
+def test_reexported_by_losses_and_the_package():
+  """jaxkd.losses re-exports every logit loss, and the package exports them from there: the same objects."""
+  for name in logit_losses.__all__:
+    assert name in losses.__all__, name
+    assert getattr(losses, name) is getattr(logit_losses, name), name
+    assert getattr(jaxkd, name) is getattr(logit_losses, name), name
 
 
 # ---------------------------------------------------------------- errors
@@ -450,18 +464,18 @@ def test_errors_name_the_shapes():
       fn(s, s, temperature=0.0)
     del name
   with pytest.raises(ValueError, match=r"\(4, 10\).*\(4, 9\)"):
-    losses.dist_loss(s, t)
+    logit_losses.dist_loss(s, t)
   with pytest.raises(ValueError, match=r"labels must have shape .*\(4,\), got \(5,\)"):
-    losses.dkd_loss(s, s, np.zeros(5, np.int32))
+    logit_losses.dkd_loss(s, s, np.zeros(5, np.int32))
   with pytest.raises(TypeError, match="integer"):
-    losses.dkd_loss(s, s, np.zeros(4, np.float32))
+    logit_losses.dkd_loss(s, s, np.zeros(4, np.float32))
   with pytest.raises(ValueError, match=r"at least 2 classes, got logits of shape \(4, 1\)"):
-    losses.dkd_loss(s[:, :1], s[:, :1], labels)
+    logit_losses.dkd_loss(s[:, :1], s[:, :1], labels)
   for beta in [0.0, 1.0, -0.5, 1.5]:
     with pytest.raises(ValueError, match=rf"beta must be in the open interval \(0, 1\), got {beta}.*kd_loss"):
-      losses.generalized_jsd_loss(s, s, beta=beta)
+      logit_losses.generalized_jsd_loss(s, s, beta=beta)
   with pytest.raises(ValueError, match=r"where of shape \(3,\)"):
-    losses.reverse_kl_loss(s, s, where=np.ones(3, bool))
+    logit_losses.reverse_kl_loss(s, s, where=np.ones(3, bool))
 
 
 def test_traced_hyperparameters_under_jit():
@@ -469,7 +483,7 @@ def test_traced_hyperparameters_under_jit():
 
   @jax.jit
   def loss(s, t, beta, temperature):
-    return losses.generalized_jsd_loss(s, t, beta=beta, temperature=temperature)
+    return logit_losses.generalized_jsd_loss(s, t, beta=beta, temperature=temperature)
 
   for beta, temperature in [(0.2, 1.0), (0.6, 3.0)]:
     np.testing.assert_allclose(
