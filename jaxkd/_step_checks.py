@@ -6,6 +6,7 @@ Private to the package: :mod:`jaxkd.train` uses :class:`StepChecker`. Shapes of 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -136,6 +137,7 @@ class StepChecker:
         "expected logits [..., num_classes] with leading axes equal to the labels' shape."
       )
     num_classes = logits.shape[-1]
+    self._warn_unsynchronised_batch_stats(model, variables, per_device)
     if self.teacher is not None:
       teacher_variables = self._per_device(teacher_variables, batched=False, placed=False)
       teacher = _logits_shape(self.teacher, teacher_variables, per_device)
@@ -152,6 +154,26 @@ class StepChecker:
           f"{tuple(logits.shape)} ({num_classes} classes)."
         )
     return num_classes
+
+  def _warn_unsynchronised_batch_stats(self, model: modeling.Model, variables: PyTree, batch) -> None:
+    """Warns once when BatchNorm statistics will be per device: the numbers then depend on the batch split."""
+    shards = self.placement.mesh.size
+    if shards == 1 or "batch_stats" not in variables:
+      return
+    axis = self.placement.data_axis
+
+    def forward(v: PyTree, b: Mapping[str, Any]) -> Any:
+      return model(v, b, train=True, rngs={"dropout": jax.random.key(0)}, mutable=["batch_stats"])
+
+    # A model that synchronises its statistics reduces over the data axis in its train-mode forward pass.
+    jaxpr = str(jax.make_jaxpr(forward, axis_env=[(axis, shards)])(variables, batch))
+    if "psum" not in jaxpr and "pmean" not in jaxpr:
+      warnings.warn(
+        f"the {model.name}'s BatchNorm statistics are computed per device ({shards} devices of {self.placement!r}): "
+        f"the results depend on how the batch is split and differ from one device's. Name the axis in the layers "
+        f"(nn.BatchNorm(axis_name='{axis}')) to synchronise them.",
+        stacklevel=4,
+      )
 
   def _check_label_range(self, labels: Any, batch: Mapping[str, Any], num_classes: int) -> None:
     # Only host (NumPy) labels are range-checked: checking device arrays would block on a device-to-host copy

@@ -198,3 +198,53 @@ def test_nnx_student_goes_back_into_its_module():
   nnx.update(module, state.params)  # the README's way back
   expected = state.model({"params": state.params, "batch_stats": state.batch_stats}, _data(), train=False)[0]
   np.testing.assert_allclose(module(jnp.asarray(_data()["image"])), expected, rtol=1e-6)
+
+
+class NNXNet(nnx.Module):
+  def __init__(self, *, rngs: nnx.Rngs):
+    self.hidden = nnx.Linear(16, 16, rngs=rngs)
+    self.out = nnx.Linear(16, NUM_CLASSES, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(nnx.relu(self.hidden(x.reshape(x.shape[0], -1))))
+
+
+def _student(kind: str):
+  if kind == "nnx":
+    return NNXNet(rngs=nnx.Rngs(0))
+  return {"training": Training(), "tuple": TupleOut(), "dict": DictOut()}[kind]
+
+
+@pytest.mark.parametrize("num_devices", [1, 2, 4])
+@pytest.mark.parametrize("kind", ["training", "tuple", "dict", "nnx"])
+def test_user_models_train_through_fit_on_any_mesh(kind, num_devices, tmp_path):
+  """The issue's bar: own model, any flag/output, any optax optimizer, a temperature schedule, 1/2/4 devices."""
+  from jaxkd import placement as placement_lib
+  from jaxkd import trainer
+
+  teacher = NoFlag()
+  teacher_variables = jax.jit(teacher.init)(jax.random.key(1), _data()["image"])
+  state = create_train_state(_student(kind), optax.lamb(1e-2), _data()["image"], rng=0)
+  step = train.make_train_step(
+    teacher_apply_fn=teacher,
+    temperature=optax.linear_schedule(4.0, 1.0, transition_steps=8),
+    alpha=0.9,
+    placement=placement_lib.Placement.data_parallel(jax.devices()[:num_devices]),
+  )
+  batches = iter([_data(batch_size=8, seed=i % 2) for i in range(8)])
+  result = trainer.fit(
+    state,
+    train_step=step,
+    train_data=batches,
+    num_steps=8,
+    teacher_variables=teacher_variables,
+    workdir=tmp_path,
+    log_every=4,
+    progress=False,
+  )
+  assert result.step == 8 and np.isfinite(result.train_metrics["loss"])
+  assert result.train_metrics["temperature"] == pytest.approx((2.5 + 2.125 + 1.75 + 1.375) / 4)
+  moved = jax.tree.map(
+    lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), result.state.params, state.params
+  )
+  assert max(jax.tree.leaves(moved)) > 1e-4
