@@ -244,25 +244,7 @@ def _train_body(
   batch_stats = pmean_inexact(batch_stats, axis)
   grads = psum(grads, axis)
   loss = psum(local_loss, axis)
-  changes = dict(batch_stats=batch_stats, term_state=term_state)
-  if spec.skip_nonfinite:
-    grad_norm = optax.tree.norm(grads)
-    # Every device sees the same summed loss and gradients, so all take the same decision.
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    # lax.cond rather than jnp.where: a select keeps the old params and optimizer state alive beside the new
-    # ones, so XLA copied them every step (benchmarks/README.md); the conditional updates donated buffers in place.
-    new_state = jax.lax.cond(
-      finite,
-      lambda s: s.apply_gradients(grads=grads, **changes),
-      lambda s: s.replace(step=s.step + 1),
-      state,
-    )
-  else:
-    # No gradient norm: it is a full extra pass over the gradients, which is what the guard costs (5% of a
-    # batch-32 MLP step on 2 CPU cores, benchmarks/README.md). The loss check is a scalar and stays.
-    grad_norm = None
-    finite = jnp.isfinite(loss)
-    new_state = state.apply_gradients(grads=grads, **changes)
+  new_state, finite, grad_norm = _update(spec, state, grads, loss, batch_stats=batch_stats, term_state=term_state)
   metrics = _metrics(spec, state.step, logits, teacher_logits, labels, mask, global_count, objective)
   metrics.update({f"loss/{name}": value for name, value in psum(values, axis).items()})
   metrics["loss"] = loss
@@ -270,6 +252,26 @@ def _train_body(
     metrics["grad_norm"] = grad_norm
   metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
   return new_state, metrics
+
+
+def _update(spec: _Spec, state: TrainState, grads: PyTree, loss: jax.Array, **changes: Any):
+  """The optimizer update, skipped when the loss or gradient norm is not finite: ``(state, finite, grad_norm)``."""
+  if not spec.skip_nonfinite:
+    # No gradient norm: it is a full extra pass over the gradients, which is what the guard costs (5% of a
+    # batch-32 MLP step on 2 CPU cores, benchmarks/README.md). The loss check is a scalar and stays.
+    return state.apply_gradients(grads=grads, **changes), jnp.isfinite(loss), None
+  grad_norm = optax.tree.norm(grads)
+  # Every device sees the same summed loss and gradients, so all take the same decision.
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  # lax.cond rather than jnp.where: a select keeps the old params and optimizer state alive beside the new
+  # ones, so XLA copied them every step (benchmarks/README.md); the conditional updates donated buffers in place.
+  new_state = jax.lax.cond(
+    finite,
+    lambda s: s.apply_gradients(grads=grads, **changes),
+    lambda s: s.replace(step=s.step + 1),
+    state,
+  )
+  return new_state, finite, grad_norm
 
 
 def _metrics(spec, step, logits, teacher_logits, labels, mask, global_count, objective) -> dict[str, jax.Array]:
