@@ -231,8 +231,9 @@ def as_hook(hook: Hook | Callable[[int, Loop], Any]) -> Hook:
 
 
 class PreemptionHook(Hook):
-  """Asks the loop to stop at SIGTERM (:class:`jaxkd.preemption.PreemptionGuard`, every process at the same step)
-  or after ``stop_after`` steps of this call; checked after every call of the step."""
+  """Asks the loop to stop at SIGTERM (:class:`jaxkd.preemption.PreemptionGuard`; with several processes a SIGTERM
+  to any one stops every process at the same step) or after ``stop_after`` steps of this call; checked after every
+  call of the step."""
 
   def __init__(self, stop_after: int | None = None):
     super().__init__(at_end=False)
@@ -241,16 +242,23 @@ class PreemptionHook(Hook):
 
   def begin(self, loop: Loop) -> None:
     self._guard.__enter__()
+    # Tells JAX's sync point where this call starts: a notice that comes before the first step then stops every
+    # process after it, rather than at a step before the start that the loop will never report.
+    if self._guard.should_stop(loop.start):
+      loop.request_stop(self._reason())
 
   def due(self, step: int, loop: Loop) -> bool:
     return True
 
   def run(self, step: int, loop: Loop) -> None:
-    # Polled at every step on every process: with several processes it is a collective sync point.
+    # Polled at every step on every process: with several processes all of them must report the same steps.
     if self._guard.should_stop(step):
-      loop.request_stop("SIGTERM" if self._guard.requested else "preemption")
+      loop.request_stop(self._reason())
     elif self.stop_after is not None and step - loop.start >= self.stop_after:
       loop.request_stop("stop_after")
+
+  def _reason(self) -> str:
+    return "preemption notice to one of the processes" if self._guard.collective else "SIGTERM"
 
   def close(self) -> None:
     self._guard.__exit__(None, None, None)

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import pathlib
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from types import TracebackType
@@ -86,7 +87,8 @@ class MetricsWriter:
   process can make and call one unconditionally.
 
   Each :meth:`write` appends one line ``{"step": ..., "time": ..., <prefix><name>: value, ...}``;
-  the file is line-buffered, so a killed run loses nothing already written. Non-finite values are
+  the file is line-buffered, so a killed run loses nothing already written (a line cut short by the kill is
+  dropped when the next writer opens the file). Non-finite values are
   written as ``null`` (keeping the file strict JSON) and left out of TensorBoard. Scalars (floats,
   ints, bools) go to TensorBoard as ``<group>/<name>``, the group being the prefix without its
   trailing ``_`` or ``train`` without one (see the module docstring); other values (lists,
@@ -97,9 +99,9 @@ class MetricsWriter:
     tensorboard: also write TensorBoard event files; False writes only ``metrics.jsonl``
       and does not need ``tensorboardX``.
     process_index: this process's index; defaults to :func:`jax.process_index`.
-    resumed_from: the step a resumed run restarted from. TensorBoard then hides the
-      earlier run's events after that step, which the resumed run writes again.
-      ``metrics.jsonl`` is append-only and keeps both copies.
+    resumed_from: the step a resumed run restarted from. The earlier run's records after that step,
+      which the resumed run writes again, are dropped from ``metrics.jsonl`` (the file is rewritten
+      atomically before anything is appended) and hidden in TensorBoard.
 
   >>> import tempfile
   >>> with tempfile.TemporaryDirectory() as workdir:
@@ -132,6 +134,7 @@ class MetricsWriter:
     if not self.active:
       return
     self.workdir.mkdir(parents=True, exist_ok=True)
+    _drop_records_after(self.path, resumed_from)
     self._file = self.path.open("a", buffering=1)
     if summary_writer is not None:
       # TensorBoard discards earlier events at steps >= purge_step; the resumed step itself was kept.
@@ -189,6 +192,50 @@ class MetricsWriter:
     self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
   ) -> None:
     self.close()
+
+
+def _is_record_after(line: str, step: int | None) -> bool:
+  if step is None:
+    return False
+  try:
+    record = json.loads(line)
+  except json.JSONDecodeError:
+    return False  # Not a record this writer made: left as it is.
+  return isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > step
+
+
+def _drop_records_after(path: pathlib.Path, step: int | None) -> None:
+  """Rewrites ``path`` without its records after ``step`` (none when None) and without a partial last line.
+
+  A run killed after its last checkpoint (``kill -9``, a lost machine) has logged steps that its resumed run
+  logs again; left in place they would be duplicates. A write cut short leaves a last line without its newline,
+  onto which the next record would be appended. The file is left alone when neither is there, and otherwise
+  replaced whole (temporary file, then :func:`os.replace`), so a crash in the middle leaves the old file.
+  """
+  if not path.exists():
+    return
+  lines = path.read_text().split("\n")
+  complete, last = lines[:-1], lines[-1]  # ``last`` is "" when the file ends with its newline.
+  if last:
+    try:
+      json.loads(last)
+      complete.append(last)  # Only the newline was lost.
+    except json.JSONDecodeError:
+      pass
+  kept = [line for line in complete if not _is_record_after(line, step)]
+  if not last and len(kept) == len(complete):
+    return
+  fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w") as tmp:
+      tmp.write("".join(line + "\n" for line in kept))
+      tmp.flush()
+      os.fsync(tmp.fileno())
+    os.chmod(tmp_name, path.stat().st_mode & 0o777)  # mkstemp's file is private (0600); keep the log's mode.
+    os.replace(tmp_name, path)
+  except BaseException:
+    pathlib.Path(tmp_name).unlink(missing_ok=True)
+    raise
 
 
 def mean_metrics(window: Sequence[Mapping[str, Any]]) -> dict[str, float]:

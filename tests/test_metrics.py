@@ -113,6 +113,69 @@ def test_resumed_from_hides_the_earlier_runs_later_steps(tmp_path):
   assert starts == [11]  # TensorBoard drops earlier events at steps >= 11.
 
 
+def _write_steps(workdir, steps, **kwargs):
+  with metrics.MetricsWriter(workdir, tensorboard=False, process_index=0, **kwargs) as writer:
+    for step in steps:
+      writer.write(step, {"loss": float(step)})
+      if step % 10 == 0:
+        writer.write(step, {"accuracy": 0.5}, prefix="eval_")
+
+
+def test_resuming_drops_the_records_after_the_resumed_step(tmp_path):
+  # A run killed (kill -9) at step 25 after its last checkpoint at step 10, mid-way through a write.
+  _write_steps(tmp_path, [5, 10, 15, 20, 25])
+  path = tmp_path / metrics.METRICS_FILE
+  with path.open("a") as f:
+    f.write('{"step": 30, "lo')
+  path.chmod(0o644)
+  _write_steps(tmp_path, [15, 20], resumed_from=10)
+  records = metrics.read_metrics(tmp_path)
+  assert [(r["step"], sorted(set(r) - {"step", "time"})) for r in records] == [
+    (5, ["loss"]),
+    (10, ["loss"]),
+    (10, ["eval_accuracy"]),  # The resumed step's own records stay: the checkpoint was taken after them.
+    (15, ["loss"]),
+    (20, ["loss"]),
+    (20, ["eval_accuracy"]),
+  ]
+  assert path.stat().st_mode & 0o777 == 0o644
+  assert sorted(p.name for p in tmp_path.iterdir()) == [metrics.METRICS_FILE]  # no temporary file left
+
+
+def test_a_partial_last_line_is_dropped_before_appending(tmp_path):
+  path = tmp_path / metrics.METRICS_FILE
+  path.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "lo')
+  _write_steps(tmp_path, [3])
+  assert [r["step"] for r in metrics.read_metrics(tmp_path)] == [1, 3]
+  # A last record that lost only its newline is kept.
+  path.write_text('{"step": 1, "loss": 1.0}')
+  _write_steps(tmp_path, [2])
+  assert [r["step"] for r in metrics.read_metrics(tmp_path)] == [1, 2]
+
+
+def test_a_failed_rewrite_leaves_the_log_as_it_was(tmp_path, monkeypatch):
+  _write_steps(tmp_path, [5, 10, 15])
+  path = tmp_path / metrics.METRICS_FILE
+  before = path.read_bytes()
+
+  def crash(*args):
+    raise OSError("disk gone")
+
+  monkeypatch.setattr(metrics.os, "replace", crash)
+  with pytest.raises(OSError, match="disk gone"):
+    metrics.MetricsWriter(tmp_path, tensorboard=False, process_index=0, resumed_from=5)
+  assert path.read_bytes() == before
+  assert sorted(p.name for p in tmp_path.iterdir()) == [metrics.METRICS_FILE]
+
+
+def test_resuming_on_another_process_leaves_the_log_alone(tmp_path):
+  _write_steps(tmp_path, [5, 10])
+  before = (tmp_path / metrics.METRICS_FILE).read_bytes()
+  with metrics.MetricsWriter(tmp_path, tensorboard=False, process_index=1, resumed_from=0):
+    pass
+  assert (tmp_path / metrics.METRICS_FILE).read_bytes() == before
+
+
 def test_other_processes_write_nothing(tmp_path):
   workdir = tmp_path / "run"
   with metrics.MetricsWriter(workdir, process_index=1) as writer:
