@@ -2,7 +2,8 @@
 
 Private to the package (like optax's ``_src/utils.py``): the names are public so that :mod:`jaxkd.losses` and
 :mod:`jaxkd.logit_losses` can import them, but users should not. Every check runs on static shapes and dtypes, or
-on concrete values, at trace time; traced values pass through unchecked.
+on concrete values, at trace time; traced values pass through (the losses turn a traced temperature that is not
+> 0, or a traced label out of range, into a NaN loss: see :mod:`jaxkd._numerics`).
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ __all__ = [
   "check_same_shape",
   "check_where",
   "check_labels",
+  "check_label_range",
   "check_position_mask",
   "check_open_unit_interval",
+  "check_closed_unit_interval",
   "check_alpha",
   "check_weight",
   "check_temperature_or_schedule",
@@ -34,7 +37,8 @@ def check_temperature(temperature: Any, *, name: str = "temperature") -> None:
   """Raises ValueError for a concrete temperature that is not > 0.
 
   Traced temperatures (schedules under ``jit``) cannot be checked without a
-  host round-trip, so they pass through; their positivity is the caller's job.
+  host round-trip, so they pass through; the losses make their result NaN when
+  they are not > 0 (:func:`jaxkd._numerics.as_temperature`).
 
   >>> check_temperature(2.0)
   >>> check_temperature(0.0)
@@ -90,6 +94,30 @@ def check_labels(labels: jax.Array, logits_shape: tuple[int, ...]) -> None:
     )
 
 
+def check_label_range(labels: Any, num_classes: int, *, position_mask: Any = None) -> None:
+  """Raises ValueError for concrete labels outside [0, num_classes) (at the positions ``position_mask`` keeps).
+
+  Pass the caller's arguments as given: ``jnp.asarray`` under ``jit`` makes even a NumPy constant a tracer. Traced
+  labels (or a traced mask) pass, and the losses make their out-of-range examples NaN instead. Call it after
+  :func:`check_labels` and :func:`check_position_mask`, which fix the shapes.
+
+  >>> check_label_range(np.array([0, 2]), 3)
+  >>> check_label_range(np.array([0, -1]), 3)
+  Traceback (most recent call last):
+  ...
+  ValueError: labels must be in [0, num_classes=3), got values in [-1, 0].
+  """
+  if isinstance(labels, jax.core.Tracer) or isinstance(position_mask, jax.core.Tracer):
+    return
+  values = np.asarray(labels)
+  if position_mask is not None:
+    values = values[np.broadcast_to(np.asarray(position_mask), values.shape)]
+  if values.size and (values.min() < 0 or values.max() >= num_classes):
+    raise ValueError(
+      f"labels must be in [0, num_classes={num_classes}), got values in [{values.min()}, {values.max()}]."
+    )
+
+
 def check_position_mask(position_mask: jax.typing.ArrayLike | None, logits_shape: tuple[int, ...]) -> jax.Array | None:
   """Checks a boolean position mask of shape ``logits_shape[:-1]`` and returns it as an array (None stays None)."""
   if position_mask is None:
@@ -114,6 +142,24 @@ def check_open_unit_interval(value: Any, name: str, hint: str = "") -> None:
     raise ValueError(f"{name} must be in the open interval (0, 1), got {value!r}.{hint}")
 
 
+def check_closed_unit_interval(value: Any, name: str) -> None:
+  """Raises ValueError for a concrete ``value`` (Python, NumPy or JAX, any shape) outside [0, 1]; traced values pass.
+
+  >>> check_closed_unit_interval(np.array(1.5), "alpha")
+  Traceback (most recent call last):
+  ...
+  ValueError: alpha must be in [0, 1], got array(1.5).
+  """
+  if isinstance(value, jax.core.Tracer):
+    return
+  if not isinstance(value, numbers.Number | np.ndarray | np.generic | jax.Array):
+    raise TypeError(f"{name} must be a number or an array, got {type(value).__name__}: {value!r}.")
+  array = np.asarray(value)
+  # Written so that NaN fails too.
+  if array.size and not np.all((array >= 0.0) & (array <= 1.0)):
+    raise ValueError(f"{name} must be in [0, 1], got {value!r}.")
+
+
 def _concrete_number(value: Any) -> float | None:
   """A concrete scalar's value (Python, NumPy or JAX), None for schedules and traced values."""
   if callable(value) or isinstance(value, jax.core.Tracer):
@@ -125,9 +171,8 @@ def _concrete_number(value: Any) -> float | None:
 
 def check_alpha(alpha: Any, *, name: str = "alpha") -> None:
   """Raises ValueError for a concrete ``alpha`` outside [0, 1] (NumPy and JAX scalars included); schedules pass."""
-  value = _concrete_number(alpha)
-  if value is not None and not 0.0 <= value <= 1.0:
-    raise ValueError(f"{name} must be in [0, 1], got {alpha!r}.")
+  if _concrete_number(alpha) is not None:
+    check_closed_unit_interval(alpha, name)
 
 
 def check_weight(weight: Any, *, name: str = "weight") -> None:

@@ -9,7 +9,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["as_float", "cross_entropy_terms", "kl_terms", "safe_norm"]
+__all__ = [
+  "as_float",
+  "cross_entropy_terms",
+  "kl_terms",
+  "safe_norm",
+  "nan_where",
+  "undefined_distribution",
+  "as_temperature",
+]
 
 
 def as_float(x: jax.typing.ArrayLike) -> jax.Array:
@@ -44,3 +52,38 @@ def safe_norm(x: jax.Array, axis: int | tuple[int, ...] = -1, keepdims: bool = F
   squared = jnp.sum(x * x, axis=axis, keepdims=keepdims)
   positive = squared > 0
   return jnp.where(positive, jnp.sqrt(jnp.where(positive, squared, 1.0)), 0.0)
+
+
+def nan_where(undefined: jax.Array, values: jax.Array) -> jax.Array:
+  """``values`` with NaN where ``undefined`` (broadcast), a select on the output only.
+
+  The safe-arithmetic ``where`` of 0 · log 0 turns NaN into 0 as readily as it does −inf, so an undefined input
+  (a NaN teacher) would vanish into a zero loss with a zero gradient. Selecting NaN afterwards, instead of changing
+  the arithmetic, keeps every defined value bit for bit and the gradient of defined entries as it was. Use it on
+  final results only: XLA:CPU can turn ``exp`` of a selected NaN constant into garbage (jax-ml/jax#29537).
+  """
+  return jnp.where(undefined, jnp.nan, values)
+
+
+def undefined_distribution(log_probs: jax.Array, axis: int = -1) -> jax.Array:
+  """True where a row of log-probabilities holds NaN: its logits had NaN or +inf on a kept class, or were all −inf.
+
+  A −inf logit on some classes (the teacher rules them out) or a class removed by ``where`` gives a log-probability
+  of −inf, not NaN, so legitimate zero probabilities are never flagged.
+  """
+  return jnp.any(jnp.isnan(log_probs), axis=axis)
+
+
+def as_temperature(temperature: jax.typing.ArrayLike, dtype: jax.typing.DTypeLike) -> jax.Array:
+  """``temperature`` as an array of ``dtype``; a *traced* one that is not finite and > 0 becomes NaN.
+
+  Concrete temperatures were checked (and raised on) at trace time, so they pass untouched. A traced one (a
+  schedule, an argument of ``jit``) cannot raise; T = 0 would otherwise give a silent 0 (its NaN swallowed by the
+  0 · log 0 handling) and T < 0 a finite loss of flipped distributions. As NaN it reaches every result through the
+  division by T and the T² factor. The select is on the scalar, not on the results, so no softmax downstream sees a
+  selected NaN constant (see :func:`nan_where`).
+  """
+  array = jnp.asarray(temperature, dtype=dtype)
+  if not isinstance(temperature, jax.core.Tracer):
+    return array
+  return jnp.where(jnp.isfinite(array) & (array > 0), array, jnp.nan)

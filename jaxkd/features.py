@@ -3,6 +3,8 @@
 Features are channels-last, as Flax produces them: ``[batch, ..., channels]`` (``[batch, height, width, channels]``
 for convolutional maps, ``[batch, features]`` or ``[batch, seq, features]`` otherwise). Every loss returns one value
 per example (the caller reduces), computes in float32 and puts the teacher's features under ``stop_gradient``.
+NaN or inf in an example's features (a diverged teacher, a NaN row in a feature cache) makes that example's loss
+NaN or inf: no safe ``where`` here turns it into 0, so a train step's guard skips the step.
 
 The reductions inside each example follow the authors' or the CRD benchmark's code (RepDistiller, Tian et al.
 2020), so that their loss weights carry over; each docstring states how that relates to the paper's formula.

@@ -11,6 +11,13 @@ default to the papers' settings. Two kinds of mask appear:
   False position contributes exactly 0 and gets a zero gradient, whatever its logits hold (padding may hold
   garbage, inf or NaN).
 
+As in :mod:`jaxkd.losses`, concrete values are checked at trace time (a temperature that is not finite and > 0,
+labels outside ``[0, num_classes)`` at kept positions and GJSD's ``beta`` outside (0, 1) raise ValueError), and
+traced ones make the result NaN: a traced temperature that is not finite and > 0 (every kept position), a traced label
+out of range (that position), and a teacher row without a distribution at a kept position (NaN or +inf on a kept
+class, or −inf on all of them; that position), so that a train step's guard skips the step rather than training on
+a silent 0.
+
 References:
   Zhao, Cui, Song, Qiu and Liang, *Decoupled Knowledge Distillation*, CVPR 2022.
   https://arxiv.org/abs/2203.08679
@@ -32,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxkd._checks import (
+  check_label_range,
   check_labels,
   check_open_unit_interval,
   check_position_mask,
@@ -39,7 +47,7 @@ from jaxkd._checks import (
   check_temperature,
   check_where,
 )
-from jaxkd._numerics import as_float, kl_terms, safe_norm
+from jaxkd._numerics import as_float, as_temperature, kl_terms, nan_where, safe_norm, undefined_distribution
 
 __all__ = [
   "dkd_loss",
@@ -70,7 +78,11 @@ def _prepare_pair(
   temperature: Any,
   position_mask: jax.typing.ArrayLike | None,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
-  """Shared checks: float32, same shapes, temperature > 0, teacher under stop_gradient, masked positions zeroed."""
+  """Shared checks: float32, same shapes, temperature > 0, teacher under stop_gradient, masked positions zeroed.
+
+  A traced temperature that is not > 0 comes back as NaN (:func:`jaxkd._numerics.as_temperature`); every loss here
+  carries it into its result through the division by T and the T² factor (masked positions stay 0).
+  """
   student_logits = as_float(student_logits)
   teacher_logits = jax.lax.stop_gradient(as_float(teacher_logits))
   check_same_shape(student_logits, teacher_logits)
@@ -78,7 +90,7 @@ def _prepare_pair(
   position_mask = check_position_mask(position_mask, student_logits.shape)
   student_logits = _zero_masked_positions(student_logits, position_mask)
   teacher_logits = _zero_masked_positions(teacher_logits, position_mask)
-  return student_logits, teacher_logits, jnp.asarray(temperature, dtype=student_logits.dtype), position_mask
+  return student_logits, teacher_logits, as_temperature(temperature, student_logits.dtype), position_mask
 
 
 def _log_softmax(logits: jax.Array, temperature: jax.Array, where: jax.typing.ArrayLike | None) -> jax.Array:
@@ -119,13 +131,20 @@ def dkd_loss(
   ``alpha=1, beta=0.5, temperature=1`` with a 1-epoch warm-up. The teacher
   side is under ``stop_gradient``.
 
+  A teacher row without a distribution (NaN or +inf, or −inf on every class)
+  makes its position NaN; a teacher that rules out every non-target class
+  (−inf there) is certain, not broken, and its NCKD is 0.
+
   Args:
     student_logits: ``[..., num_classes]`` with ``num_classes >= 2``.
     teacher_logits: same shape; may hold −inf for classes the teacher rules out.
-    labels: integer class indices of shape ``student_logits.shape[:-1]``.
+    labels: integer class indices in ``[0, num_classes)``, of shape
+      ``student_logits.shape[:-1]``; concrete ones out of range raise
+      ValueError, traced ones make their position NaN.
     alpha: weight of TCKD.
     beta: weight of NCKD.
-    temperature: :math:`T > 0`.
+    temperature: :math:`T > 0`; a concrete value that is not finite and > 0
+      raises ValueError, a traced one makes the loss NaN.
     position_mask: optional boolean mask of shape ``student_logits.shape[:-1]``;
       False positions contribute 0 (and no gradient); their labels are
       ignored and may be anything (e.g. a padding label of -100).
@@ -142,6 +161,8 @@ def dkd_loss(
     Zhao, Cui, Song, Qiu and Liang, *Decoupled Knowledge Distillation*, CVPR 2022.
     https://arxiv.org/abs/2203.08679
   """
+  # The arguments as given: under jit, jnp.asarray makes even NumPy constants tracers, which cannot be checked.
+  given_labels, given_mask = labels, position_mask
   student_logits, teacher_logits, temperature, position_mask = _prepare_pair(
     student_logits, teacher_logits, temperature, position_mask
   )
@@ -150,9 +171,12 @@ def dkd_loss(
     raise ValueError(f"dkd_loss needs at least 2 classes, got logits of shape {tuple(student_logits.shape)}.")
   labels = jnp.asarray(labels)
   check_labels(labels, student_logits.shape)
-  if position_mask is not None:
-    # Padding labels (e.g. -100) must not reach the gathers below: NaN there would leak into the gradient.
-    labels = jnp.where(position_mask, labels, 0)
+  check_label_range(given_labels, num_classes, position_mask=given_mask)
+  # Out-of-range labels (padding ones such as -100 too) must not reach the gathers below, where -1 would wrap to
+  # the last class and NaN would leak into the gradient: they gather class 0 and their positions are made NaN (or
+  # 0 when masked) after the arithmetic.
+  in_range = (labels >= 0) & (labels < num_classes)
+  labels = jnp.where(in_range, labels, 0)
   target = jax.nn.one_hot(labels, num_classes, dtype=jnp.bool_)
 
   def binary_and_non_target(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -169,7 +193,11 @@ def dkd_loss(
   nckd = kl_terms(teacher_non_target, student_non_target)
   alpha = jnp.asarray(alpha, dtype=tckd.dtype)
   beta = jnp.asarray(beta, dtype=tckd.dtype)
-  return _apply_position_mask(temperature**2 * (alpha * tckd + beta * nckd), position_mask)
+  loss = temperature**2 * (alpha * tckd + beta * nckd)
+  # The teacher's binary distribution is NaN exactly when its full softmax is; its non-target one may be NaN
+  # legitimately (every non-target class at -inf), which the 0 · log 0 handling turns into NCKD = 0.
+  loss = nan_where(~in_range | undefined_distribution(teacher_binary), loss)
+  return _apply_position_mask(loss, position_mask)
 
 
 def _pearson(a: jax.Array, b: jax.Array, weights: jax.Array, axis: int, eps: float) -> jax.Array:
@@ -227,14 +255,16 @@ def dist_loss(
     teacher_logits: same shape.
     beta: weight of the inter-class (per-example) term.
     gamma: weight of the intra-class (per-class, over the batch) term.
-    temperature: :math:`T > 0`.
+    temperature: :math:`T > 0`; a concrete value that is not finite and > 0
+      raises ValueError, a traced one makes the loss NaN.
     eps: :math:`\epsilon` in the correlation's denominator (the authors' 1e-8).
     position_mask: optional boolean mask of shape ``student_logits.shape[:-1]``;
       False examples are left out of both terms, as if sliced away.
     axis_name: optional named axis to gather the global batch over.
 
   Returns:
-    The scalar batch loss, float32.
+    The scalar batch loss, float32; NaN if a kept teacher row has NaN or +inf
+    (the correlations carry it, no ``where`` can swallow it).
 
   >>> import jax.numpy as jnp
   >>> z = jnp.array([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0]])
@@ -346,8 +376,10 @@ def standardized_kd_loss(
 
   Args:
     student_logits: ``[..., num_classes]``.
-    teacher_logits: same shape; must be finite on kept classes.
-    temperature: base temperature :math:`T > 0`.
+    teacher_logits: same shape; must be finite on kept classes: a teacher row
+      with NaN or ±inf there makes its position NaN.
+    temperature: base temperature :math:`T > 0`; a concrete value that is not
+      finite and > 0 raises ValueError, a traced one makes the loss NaN.
     eps: :math:`\epsilon` of :func:`standardize_logits`.
     where: optional boolean class mask broadcastable to the logits; both the
       statistics and the softmax use the kept classes only.
@@ -372,7 +404,10 @@ def standardized_kd_loss(
   teacher_z = standardize_logits(teacher_logits, eps=eps, where=where)
   student_log_probs = _log_softmax(student_z, temperature, where)
   teacher_log_probs = _log_softmax(teacher_z, temperature, where)
-  return _apply_position_mask(temperature**2 * kl_terms(teacher_log_probs, student_log_probs), position_mask)
+  loss = temperature**2 * kl_terms(teacher_log_probs, student_log_probs)
+  # A non-finite teacher logit makes its whole standardised row NaN, which kl_terms' 0 · log 0 would read as 0.
+  loss = nan_where(undefined_distribution(teacher_log_probs), loss)
+  return _apply_position_mask(loss, position_mask)
 
 
 def reverse_kl_loss(
@@ -393,12 +428,16 @@ def reverse_kl_loss(
   with the same :math:`T^2` factor (at the usual :math:`T = 1` for language
   models it is the plain divergence). The teacher must give nonzero
   probability wherever the student can: remove classes with ``where``, not with
-  −inf teacher logits. The teacher side is under ``stop_gradient``.
+  −inf teacher logits. The teacher side is under ``stop_gradient``. A NaN or
+  +inf teacher logit on a kept class makes its position NaN (the student's
+  probabilities, positive on every kept class, carry the teacher's NaN
+  log-probabilities into the sum).
 
   Args:
     student_logits: ``[..., num_classes]``, e.g. ``[batch, seq, vocab]``.
     teacher_logits: same shape.
-    temperature: :math:`T > 0`.
+    temperature: :math:`T > 0`; a concrete value that is not finite and > 0
+      raises ValueError, a traced one makes the loss NaN.
     where: optional boolean *class* mask broadcastable to the logits (as in
       :func:`~jaxkd.losses.kd_loss`).
     position_mask: optional boolean *position* mask of shape
@@ -453,13 +492,17 @@ def generalized_jsd_loss(
   formed in log space (``logaddexp``), so the loss is finite even where either
   distribution underflows. The paper's experiments sweep
   :math:`\beta \in \{0.1, 0.5, 0.9\}` at :math:`T = 1` (0.5 is the common
-  default). The teacher side is under ``stop_gradient``.
+  default). The teacher side is under ``stop_gradient``. A NaN or +inf teacher
+  logit on a kept class makes its position NaN (through the mixture, which the
+  student's positive probabilities weigh).
 
   Args:
     student_logits: ``[..., num_classes]``, e.g. ``[batch, seq, vocab]``.
     teacher_logits: same shape; may hold −inf for classes the teacher rules out.
-    beta: interpolation :math:`\beta \in (0, 1)`.
-    temperature: :math:`T > 0`.
+    beta: interpolation :math:`\beta \in (0, 1)`; a concrete value outside
+      raises ValueError, a traced one is used as given.
+    temperature: :math:`T > 0`; a concrete value that is not finite and > 0
+      raises ValueError, a traced one makes the loss NaN.
     where: optional boolean *class* mask broadcastable to the logits.
     position_mask: optional boolean *position* mask of shape
       ``student_logits.shape[:-1]`` (the ``[batch, seq]`` token mask); False

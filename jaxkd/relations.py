@@ -16,6 +16,10 @@ with ``pmap`` and named ``vmap``; under ``shard_map`` the values agree too.
 ``where`` is an optional boolean *example* mask of shape ``[batch]`` (e.g. padding in the last batch): False examples
 are left out of every relation, as if sliced away, and get zero gradient whatever their features hold.
 
+A kept example with NaN or ±inf features (a diverged teacher, a NaN row in a feature cache) makes the batch loss NaN,
+so that a train step's guard skips the step; where the arithmetic's safe ``where`` would turn it into 0 (RKD's
+distances, PKT's probabilities) the loss is made NaN explicitly.
+
 RepDistiller's loss weights (Tian et al. 2020), for reference: SP 3000, RKD 1 (with distance 25 and angle 50
 inside), PKT 30000, CC 0.02 (for its own simplified CC, not the kernel form here).
 
@@ -30,7 +34,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxkd._numerics import as_float, cross_entropy_terms, safe_norm
+from jaxkd._numerics import as_float, cross_entropy_terms, nan_where, safe_norm
 
 __all__ = [
   "similarity_preserving_loss",
@@ -79,6 +83,11 @@ def _prepare(
   if student.shape[0] < 2:
     raise ValueError(f"relation losses need at least 2 examples in the batch, got {student.shape[0]}.")
   return student, teacher, mask
+
+
+def _nonfinite(student: jax.Array, teacher: jax.Array) -> jax.Array:
+  """Whether the (masked, gathered) features hold NaN or inf: masked rows were zeroed, so only kept ones count."""
+  return ~(jnp.all(jnp.isfinite(student)) & jnp.all(jnp.isfinite(teacher)))
 
 
 def _pair_mask(mask: jax.Array, *, diagonal: bool) -> jax.Array:
@@ -185,7 +194,7 @@ def rkd_distance_loss(
     axis_name: optional named axis: the loss is then over the gathered global batch.
 
   Returns:
-    The scalar batch loss, float32.
+    The scalar batch loss, float32; NaN if a kept example's embeddings are not finite.
 
   >>> import jax.numpy as jnp
   >>> x = jnp.array([[0.0, 0.0], [1.0, 0.0], [0.0, 3.0]])
@@ -204,7 +213,9 @@ def rkd_distance_loss(
     mean = _masked_mean(distances, pairs)
     return distances / jnp.where(mean > 0, mean, 1.0)
 
-  return _masked_mean(_huber(normalized_distances(student) - normalized_distances(teacher)), pairs)
+  loss = _masked_mean(_huber(normalized_distances(student) - normalized_distances(teacher)), pairs)
+  # The zero-distance where of the safe square root reads NaN as a distance of 0.
+  return nan_where(_nonfinite(student, teacher), loss)
 
 
 def _angles(x: jax.Array) -> jax.Array:
@@ -334,7 +345,7 @@ def pkt_loss(
     axis_name: optional named axis: the loss is then over the gathered global batch.
 
   Returns:
-    The scalar batch loss, float32.
+    The scalar batch loss, float32; NaN if a kept example's features are not finite.
 
   >>> import jax.numpy as jnp
   >>> x = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
@@ -363,7 +374,8 @@ def pkt_loss(
     cross_entropy_terms(teacher_probs, teacher_log_probs) - cross_entropy_terms(teacher_probs, student_log_probs),
     axis=-1,
   )  # [anchor]
-  return _masked_mean(kl, mask)
+  # NaN kernels give NaN probabilities, which the 0 · log 0 handling takes for zeros.
+  return nan_where(_nonfinite(student, teacher), _masked_mean(kl, mask))
 
 
 # ---------------------------------------------------------------- correlation congruence

@@ -79,6 +79,17 @@ def _labels_and_mask(spec: _Spec, batch: Mapping[str, Any]) -> tuple[jax.Array, 
   return labels, mask
 
 
+def _labels_out_of_range(labels: jax.Array, mask: jax.Array, num_classes: int) -> jax.Array:
+  """Whether a real position's label is outside [0, num_classes) (ignored ones are class 0 by now).
+
+  Host labels were range-checked before compiling (jaxkd._step_checks); device ones cannot be without a copy to the
+  host every step, so the step makes its loss NaN instead, and the non-finite guard skips and counts it, whatever
+  the objective does with labels (a soft-target-only objective never reads them, and -1 must not train as the last
+  class).
+  """
+  return jnp.any(mask & ((labels < 0) | (labels >= num_classes)))
+
+
 def _cast_params(variables: PyTree, dtype: Any) -> PyTree:
   """Casts the 'params' collection only: BatchNorm running statistics stay in float32."""
   if dtype is None or variables is None:
@@ -241,6 +252,8 @@ def _train_body(
 
   (local_loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
   logits, batch_stats, values, term_state = aux
+  # NaN on one device is NaN in the summed loss every device sees, so all of them skip the update.
+  local_loss = jnp.where(_labels_out_of_range(labels, mask, logits.shape[-1]), jnp.nan, local_loss)
   batch_stats = pmean_inexact(batch_stats, axis)
   grads = psum(grads, axis)
   loss = psum(local_loss, axis)
@@ -487,7 +500,10 @@ def make_train_step(
 
   A non-finite loss or gradient norm skips the update (params, optimizer state, BatchNorm statistics and term
   states stay, ``step`` advances) and reports ``metrics['nonfinite'] = 1``; ``skip_nonfinite=False`` drops that
-  guard (it costs one pass over the gradients, benchmarks/README.md) and applies every update.
+  guard (it costs one pass over the gradients, benchmarks/README.md) and applies every update. Bad values that
+  cannot be checked without a copy to the host make the loss NaN, and so take this path: a label on device outside
+  ``[0, num_classes)`` other than -100 (a NumPy one raises, below), and, in jaxkd's losses, teacher logits without
+  a distribution (NaN or +inf: a diverged teacher, a NaN row of a logit cache; see :func:`jaxkd.losses.kd_loss`).
 
   Bad inputs raise ValueError/TypeError on the host before anything compiles (see :mod:`jaxkd._step_checks`).
 

@@ -489,3 +489,97 @@ def test_traced_hyperparameters_under_jit():
     np.testing.assert_allclose(
       loss(s, t, jnp.float32(beta), jnp.float32(temperature)), np_gjsd(s, t, beta, temperature), rtol=1e-4
     )
+
+
+# ---------------------------------------------------------------- non-finite teachers, unchecked values (issue 13)
+
+
+@pytest.mark.parametrize("kind", ["nan", "plus_inf", "all_minus_inf"])
+def test_broken_teacher_row_gives_nan_at_that_position(kind):
+  """DKD and standardised KD once read a NaN teacher as probability 0 (loss 0, zero gradient); reverse KL, GJSD and
+  DIST carry the NaN by construction. Positions the mask drops stay 0."""
+  s, t = random_logits((3, 6), 46), random_logits((3, 6), 47)
+  labels = np.array([0, 3, 5])
+  broken = t.copy()
+  broken[1] = {"nan": [1.0, np.nan, 2.0, 0.5, 0.0, 1.0], "plus_inf": [1.0, np.inf, 2.0, 0.5, 0.0, 1.0]}.get(
+    kind, [-np.inf] * 6
+  )
+  mask = np.array([True, False, True])
+
+  @jax.jit
+  def run(t):
+    per_position = _stacked(labels)(s, t, temperature=2.0)  # [losses, 3]
+    grads = jax.grad(lambda s: jnp.nansum(_stacked(labels)(s, t, temperature=2.0)))(s)
+    masked = _stacked(labels)(s, t, temperature=2.0, position_mask=mask)
+    return per_position, grads, masked, logit_losses.dist_loss(s, t)
+
+  per_position, grads, masked, dist = run(broken)
+  clean, _, clean_masked, _ = run(t)
+  assert np.all(np.isnan(np.asarray(per_position)[:, 1])), per_position
+  np.testing.assert_array_equal(np.asarray(per_position)[:, [0, 2]], np.asarray(clean)[:, [0, 2]])
+  # The other examples' gradients stay clean (the broken one's may be NaN or 0: the step skips it either way).
+  assert np.all(np.isfinite(np.asarray(grads)[[0, 2]]))
+  np.testing.assert_array_equal(masked, clean_masked)
+  assert np.isnan(dist)
+
+
+def test_dkd_certain_teacher_is_not_broken():
+  """-inf on every non-target class: the teacher is certain; NCKD is 0, not NaN (nor is -inf at the target NaN)."""
+  s = random_logits((2, 5), 48)
+  labels = np.array([1, 3])
+  certain = np.full((2, 5), -np.inf, np.float32)
+  certain[0, 1] = certain[1, 3] = 2.0
+  ruled_out = random_logits((2, 5), 49)
+  ruled_out[0, 1] = ruled_out[1, 3] = -np.inf
+
+  @jax.jit
+  def run(s, t):
+    loss = logit_losses.dkd_loss(s, t, labels, alpha=1.0, beta=8.0, temperature=2.0)
+    tckd_only = logit_losses.dkd_loss(s, t, labels, alpha=1.0, beta=0.0, temperature=2.0)
+    return loss, tckd_only, jax.grad(lambda s: logit_losses.dkd_loss(s, t, labels).sum())(s)
+
+  loss, tckd_only, grad = run(s, certain)
+  np.testing.assert_array_equal(loss, tckd_only)
+  assert np.all(np.isfinite(loss)) and np.all(np.isfinite(grad))
+  loss, _, grad = run(s, ruled_out)
+  assert np.all(np.isfinite(loss)) and np.all(np.isfinite(grad))
+
+
+@pytest.mark.parametrize("label", [-1, 6])
+def test_dkd_labels_out_of_range(label):
+  """Concrete: ValueError naming the range (masked positions may hold anything); traced: NaN at that position."""
+  s, t = random_logits((3, 6), 50), random_logits((3, 6), 51)
+  labels = np.array([0, label, 5], np.int32)
+  with pytest.raises(ValueError, match=r"labels must be in \[0, num_classes=6\), got values in "):
+    logit_losses.dkd_loss(s, t, labels)
+  mask = np.array([True, False, True])
+  np.testing.assert_array_equal(logit_losses.dkd_loss(s, t, labels, position_mask=mask)[1], 0.0)
+
+  @jax.jit
+  def run(labels):
+    return logit_losses.dkd_loss(s, t, labels), jax.grad(lambda s: logit_losses.dkd_loss(s, t, labels).sum())(s)
+
+  out, grad = run(labels)
+  clean, _ = run(np.array([0, 2, 5], np.int32))
+  assert np.isnan(out[1])
+  np.testing.assert_array_equal(np.asarray(out)[[0, 2]], np.asarray(clean)[[0, 2]])
+  assert np.all(np.isfinite(grad))
+
+
+@pytest.mark.parametrize("temperature", [0.0, -2.0, np.nan, np.inf])
+def test_traced_bad_temperature_gives_nan(temperature):
+  """Concrete temperatures raise; a traced T = 0 gave 0 for reverse KL (NaN swallowed) and T < 0 finite losses."""
+  s, t = random_logits((3, 5), 52), random_logits((3, 5), 53)
+  labels = np.array([0, 2, 4])
+  mask = np.array([True, False, True])
+
+  @jax.jit
+  def run(temperature):
+    per_position = _stacked(labels)(s, t, temperature=temperature, position_mask=mask)
+    return per_position, logit_losses.dist_loss(s, t, temperature=temperature)
+
+  per_position, dist = run(jnp.float32(temperature))
+  assert np.all(np.isnan(np.asarray(per_position)[:, mask])) and np.isnan(dist), (per_position, dist)
+  np.testing.assert_array_equal(np.asarray(per_position)[:, ~mask], 0.0)  # masked positions still count for nothing
+  per_position, dist = run(jnp.float32(2.0))
+  assert np.all(np.isfinite(per_position)) and np.isfinite(dist)

@@ -1,5 +1,7 @@
 """Tests for jaxkd.losses against a float64 NumPy reference written here."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -9,6 +11,7 @@ from absl.testing import parameterized
 from jax.test_util import check_grads
 
 import jaxkd
+from jaxkd import features, relations
 
 SHAPES = [(4, 10), (2, 3, 5), (7,)]
 TEMPERATURES = [1.0, 2.0, 4.0, 20.0]
@@ -276,3 +279,205 @@ def test_shape_mismatch_names_both_shapes():
     jaxkd.distillation_loss(s, s, np.zeros(4, np.int32), 2.0, alpha=1.5)
   with pytest.raises(ValueError, match=r"where of shape \(3,\)"):
     jaxkd.kd_loss(s, s, 2.0, where=np.ones(3, bool))
+
+
+# ---------------------------------------------------------------- non-finite teachers, unchecked values (issue 13)
+
+# A teacher row with no distribution: NaN (a diverged teacher, a NaN row of a logit cache), +inf, all -inf.
+BROKEN_TEACHER_ROWS = {
+  "nan": [1.0, np.nan, 2.0, 0.5],
+  "plus_inf": [1.0, np.inf, 2.0, 0.5],
+  "all_minus_inf": [-np.inf] * 4,
+}
+
+
+def _broken_teacher(kind, seed=40):
+  """[3, 4] logits whose row 1 has no distribution; the other rows are ordinary."""
+  t = random_logits((3, 4), seed)
+  t[1] = BROKEN_TEACHER_ROWS[kind]
+  return t
+
+
+class NonFiniteTeacherTest(chex.TestCase):
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(*BROKEN_TEACHER_ROWS)
+  def test_broken_teacher_row_gives_nan_for_that_example(self, kind):
+    """The 0 · log 0 handling once read a NaN teacher as probability 0: kd_loss was 0, with zero gradient."""
+    s, t = random_logits((3, 4), 41), _broken_teacher(kind)
+    clean_t = random_logits((3, 4), 40)
+    labels = np.array([0, 3, 1])
+    fns = {
+      "kd": lambda s, t: jaxkd.kd_loss(s, t, 2.0),
+      "soft_cross_entropy": lambda s, t: jaxkd.soft_cross_entropy(s, jaxkd.tempered_softmax(t, 2.0), 2.0),
+      # alpha = 1 is where a silent 0 stopped the student; alpha = 0 still says that the teacher is broken.
+      **{f"distillation_{a}": lambda s, t, a=a: jaxkd.distillation_loss(s, t, labels, 2.0, a) for a in [0.0, 0.5, 1.0]},
+    }
+    for name, fn in fns.items():
+      out = np.asarray(self.variant(fn)(s, t))
+      assert np.isnan(out[1]), (name, out)
+      # The other examples keep their values bit for bit.
+      np.testing.assert_array_equal(out[[0, 2]], np.asarray(self.variant(fn)(s, clean_t))[[0, 2]], err_msg=name)
+      grad = jax.grad(lambda s, fn=fn: fn(s, t).sum())(s)
+      assert np.all(np.isfinite(grad)), name
+
+  def test_kd_loss_of_the_issue(self):
+    np.testing.assert_array_equal(jaxkd.kd_loss([[2.0, 0.5, -1.0]], [[1.0, np.nan, 2.0]], 2.0), [np.nan])
+
+  def test_legitimate_zero_probabilities_stay_finite(self):
+    """-inf on some teacher classes, and anything (NaN included) on classes removed by where, are probability 0."""
+    s, t = random_logits((3, 5), 42), random_logits((3, 5), 43)
+    keep = np.array([True, True, False, True, True])
+    t_masked_nan = t.copy()
+    t_masked_nan[:, 2] = np.nan
+    t_minus_inf = t.copy()
+    t_minus_inf[:, 4] = -np.inf
+    labels = np.array([0, 1, 3])
+    for fn in [
+      lambda s, t, **kw: jaxkd.kd_loss(s, t, 2.0, **kw),
+      lambda s, t, **kw: jaxkd.distillation_loss(s, t, labels, 2.0, 0.6, **kw),
+    ]:
+      np.testing.assert_array_equal(fn(s, t_masked_nan, where=keep), fn(s, t, where=keep))
+      value, grad = jax.value_and_grad(lambda s, fn=fn: fn(s, t_masked_nan, where=keep).sum())(s)
+      assert np.isfinite(value) and np.all(np.isfinite(grad))
+      value, grad = jax.value_and_grad(lambda s, fn=fn: fn(s, t_minus_inf).sum())(s)
+      assert np.isfinite(value) and np.all(np.isfinite(grad))
+    targets = np.array(jaxkd.tempered_softmax(t, 2.0, where=keep))
+    targets[:, 2] = np.nan  # a masked target
+    out = jaxkd.soft_cross_entropy(s, targets, 2.0, where=keep)
+    np.testing.assert_array_equal(out, jaxkd.soft_cross_entropy(s, np.nan_to_num(targets), 2.0, where=keep))
+
+
+# ---------------------------------------------------------------- labels
+
+
+@pytest.mark.parametrize("label", [-1, 5, -100])
+def test_concrete_label_out_of_range_raises(label):
+  """-1 was scored as the last class."""
+  s, t = random_logits((3, 5), 44), random_logits((3, 5), 45)
+  labels = np.array([0, label, 2])
+  for fn in [
+    lambda: jaxkd.hard_cross_entropy(s, labels),
+    lambda: jaxkd.distillation_loss(s, t, labels, 2.0, 0.5),
+    lambda: jaxkd.hard_cross_entropy(s, jnp.asarray(labels)),  # a concrete JAX array is a value too
+    lambda: jax.jit(lambda s: jaxkd.hard_cross_entropy(s, labels))(s),  # a NumPy constant under jit
+  ]:
+    with pytest.raises(ValueError, match=rf"labels must be in \[0, num_classes=5\), got values in \[{min(label, 0)}, "):
+      fn()
+
+
+@pytest.mark.parametrize("label", [-1, 5, -100, np.iinfo(np.int32).max])
+def test_traced_label_out_of_range_gives_nan_for_that_example(label):
+  s, t = random_logits((3, 5), 46), random_logits((3, 5), 47)
+  good, bad = np.array([0, 4, 2], np.int32), np.array([0, label, 2], np.int32)
+
+  @jax.jit
+  def run(s, labels):
+    hard = jaxkd.hard_cross_entropy(s, labels)
+    combined = jaxkd.distillation_loss(s, t, labels, 2.0, 0.5)
+    return hard, combined, jax.grad(lambda s: jaxkd.distillation_loss(s, t, labels, 2.0, 0.5).sum())(s)
+
+  for out, clean in zip(run(s, bad)[:2], run(s, good)[:2], strict=True):
+    assert np.isnan(out[1])
+    np.testing.assert_array_equal(np.asarray(out)[[0, 2]], np.asarray(clean)[[0, 2]])
+  assert np.all(np.isfinite(run(s, bad)[2]))
+
+
+# ---------------------------------------------------------------- alpha and temperature
+
+
+@pytest.mark.parametrize("alpha", [np.array(1.5), jnp.asarray(-0.1), np.float32(2.0), np.array([0.5, 1.5]), np.nan])
+def test_alpha_of_any_type_is_checked(alpha):
+  """np.array(1.5) once passed and gave the label term the weight -0.5."""
+  s = random_logits((2, 3), 48)
+  with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\], got "):
+    jaxkd.distillation_loss(s, s, np.array([0, 1]), 2.0, np.asarray(alpha) if np.ndim(alpha) else alpha)
+
+
+def test_alpha_arrays_in_range_and_traced_alpha_are_accepted():
+  s, t = random_logits((2, 3), 49), random_logits((2, 3), 50)
+  labels = np.array([0, 1])
+  expected = jaxkd.distillation_loss(s, t, labels, 2.0, 0.3)
+  np.testing.assert_array_equal(jaxkd.distillation_loss(s, t, labels, 2.0, np.float32(0.3)), expected)
+  np.testing.assert_array_equal(jaxkd.distillation_loss(s, t, labels, 2.0, jnp.asarray(0.3)), expected)
+  traced = jax.jit(lambda a: jaxkd.distillation_loss(s, t, labels, 2.0, a))(jnp.float32(0.3))
+  np.testing.assert_allclose(traced, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -2.0, np.nan, np.inf])
+def test_traced_bad_temperature_gives_nan(temperature):
+  """Concrete temperatures raise; a traced T = 0 gave a loss of 0 (and T < 0 a finite loss of flipped targets)."""
+  s, t = random_logits((3, 4), 51), random_logits((3, 4), 52)
+  labels = np.array([0, 1, 2])
+
+  @jax.jit
+  def run(temperature):
+    return [
+      jaxkd.tempered_log_softmax(s, temperature),
+      jaxkd.tempered_softmax(s, temperature),
+      jaxkd.kd_loss(s, t, temperature),
+      jaxkd.soft_cross_entropy(s, jax.nn.softmax(t), temperature),
+      jaxkd.distillation_loss(s, t, labels, temperature, 0.5),
+    ]
+
+  for out in run(jnp.float32(temperature)):
+    assert np.all(np.isnan(out)), out
+  for out in run(jnp.float32(2.0)):
+    assert np.all(np.isfinite(out))
+
+
+# ---------------------------------------------------------------- the same for feature and relation losses
+# (jaxkd.features and jaxkd.relations; kept here, beside the logit losses' version, by the issue-13 change.)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_feature_losses_keep_a_broken_teacher_example_non_finite(bad):
+  rng = np.random.default_rng(53)
+  s, t = rng.normal(size=(3, 4, 4, 2)).astype(np.float32), rng.normal(size=(3, 4, 4, 2)).astype(np.float32)
+  broken = t.copy()
+  broken[1, 2, 3, 0] = bad
+
+  @jax.jit
+  def all_losses(s, t):  # [losses, batch]
+    return jnp.stack(
+      [
+        features.fitnet_loss(s, t),
+        features.attention_transfer_loss(s, t),
+        features.nst_loss(s, t),
+        features.fsp_loss(s, s, t, t),
+        features.vid_loss(s, jnp.ones(2), t),
+      ]
+    )
+
+  out, clean = np.asarray(all_losses(s, broken)), np.asarray(all_losses(s, t))
+  assert not np.any(np.isfinite(out[:, 1])), out
+  np.testing.assert_array_equal(out[:, [0, 2]], clean[:, [0, 2]])
+
+
+@functools.cache
+def _all_relation_losses():
+  """Every relation loss, stacked, compiled once for all parametrisations."""
+  fns = [
+    relations.similarity_preserving_loss,
+    relations.rkd_distance_loss,
+    relations.rkd_angle_loss,
+    relations.rkd_loss,
+    relations.pkt_loss,
+    relations.cc_loss,
+  ]
+  return jax.jit(lambda s, t, **kw: jnp.stack([fn(s, t, **kw) for fn in fns]))
+
+
+@pytest.mark.parametrize("side", ["teacher", "student"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_relation_losses_keep_a_broken_example_non_finite_unless_masked(side, bad):
+  """RKD's distances and PKT's probabilities once read a NaN example as distance 0 and probability 0."""
+  rng = np.random.default_rng(54)
+  s, t = rng.normal(size=(5, 6)).astype(np.float32), rng.normal(size=(5, 3)).astype(np.float32)
+  broken = (s if side == "student" else t).copy()
+  broken[2, 1] = bad
+  s_bad, t_bad = (broken, t) if side == "student" else (s, broken)
+  keep = np.arange(5) != 2
+  all_losses = _all_relation_losses()
+  assert not np.any(np.isfinite(all_losses(s_bad, t_bad))), all_losses(s_bad, t_bad)
+  # Masked, the example is left out as if sliced away.
+  np.testing.assert_allclose(all_losses(s_bad, t_bad, where=keep), all_losses(s[keep], t[keep]), rtol=1e-5)

@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from jaxkd import train
-from jaxkd.losses import distillation_loss
+from jaxkd.losses import distillation_loss, kd_loss
 from jaxkd.modeling import from_nnx
 from jaxkd.models import MLP, ResNet
 from jaxkd.placement import Placement, as_placement, pmean_inexact, psum
@@ -633,3 +633,83 @@ def test_steps_per_call_equals_single_steps_bit_for_bit(placement):
   for i, metrics in enumerate(single_metrics):
     for name, value in metrics.items():
       np.testing.assert_array_equal(scanned_metrics[name][i], value, err_msg=f"step {i}: {name}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Values no host check sees (issue 13): a broken teacher or a label on device out of range makes the loss NaN, and
+# the guard skips and counts the step instead of training through it.
+
+
+def _assert_skipped(step, state, teacher_variables, batch):
+  """One step on ``batch``: reported non-finite, params, optimizer state and BatchNorm statistics unchanged."""
+  placement = step.placement
+  before = jax.device_get(placement.to_host(state))
+  state, metrics = step(state, teacher_variables, batch)
+  after, metrics = jax.device_get(placement.to_host(state)), placement.to_host(metrics)
+  assert float(metrics["nonfinite"]) == 1.0 and not np.isfinite(float(metrics["loss"]))
+  jax.tree.map(np.testing.assert_array_equal, after.params, before.params)
+  jax.tree.map(np.testing.assert_array_equal, after.opt_state, before.opt_state)
+  jax.tree.map(np.testing.assert_array_equal, after.batch_stats, before.batch_stats)
+  assert int(after.step) == int(before.step) + 1
+  return state
+
+
+def test_cached_teacher_logits_with_a_nan_row_skip_the_update():
+  """A NaN row in a logit cache once gave kd_loss 0: at alpha = 1 the step trained on nothing, reported finite."""
+  teacher, teacher_variables = _teacher()
+  step = train.make_train_step(temperature=2.0, alpha=1.0, placement="data_parallel")
+  state = step.placement.put(_state())
+
+  def cached(seed):
+    batch = _data(seed=seed)
+    return {**batch, "teacher_logits": np.array(teacher.apply(teacher_variables, batch["image"]))}
+
+  state, _ = step(state, None, cached(0))  # momentum is non-zero now
+  broken = cached(1)
+  broken["teacher_logits"][5] = np.nan  # one row, on one of the 4 devices
+  state = _assert_skipped(step, state, None, broken)
+  state, metrics = step(state, None, cached(2))
+  assert float(metrics["nonfinite"]) == 0.0 and np.isfinite(float(metrics["loss"]))
+
+
+def test_diverged_teacher_skips_the_update():
+  teacher, teacher_variables = _teacher()
+  diverged = jax.tree.map(lambda x: np.asarray(x).copy(), teacher_variables)
+  kernel = jax.tree.leaves(diverged)[1]
+  kernel[0, 0] = np.nan  # every output of the teacher is NaN now
+  step = train.make_train_step(teacher_apply_fn=teacher.apply, temperature=2.0, alpha=1.0, placement="single")
+  state, _ = step(_state(), teacher_variables, _data())
+  assert np.all(np.isnan(teacher.apply(diverged, _data()["image"])))
+  state = _assert_skipped(step, state, diverged, _data(seed=1))
+  state, metrics = step(state, teacher_variables, _data(seed=2))
+  assert float(metrics["nonfinite"]) == 0.0
+
+
+def test_device_labels_out_of_range_skip_the_update():
+  """Host labels raise before compiling; on device, -1 was scored as the last class. Now the loss is NaN, whatever
+  the objective reads: also with a loss that ignores the labels."""
+  teacher, teacher_variables = _teacher()
+
+  def kd_only(student_logits, teacher_logits, labels):
+    del labels
+    return kd_loss(student_logits, teacher_logits, 2.0)
+
+  def on_device(labels, mask=None):
+    mask = np.ones(32, bool) if mask is None else mask
+    return {**_data(seed=1), "label": jnp.asarray(labels), "mask": jnp.asarray(mask)}  # one structure, one compile
+
+  for step in (
+    train.make_train_step(teacher_apply_fn=teacher.apply, alpha=1.0, placement="single"),
+    train.make_train_step(teacher_apply_fn=teacher.apply, loss_fn=kd_only, placement="single"),
+  ):
+    state, _ = step(_state(), teacher_variables, on_device(_data()["label"]))
+    for label in (-1, NUM_CLASSES):
+      labels = _data(seed=1)["label"].copy()
+      labels[4] = label
+      state = _assert_skipped(step, state, teacher_variables, on_device(labels))
+      # A padding row may hold any label, and -100 is ignored: both steps train.
+      state, metrics = step(state, teacher_variables, on_device(labels, np.arange(32) != 4))
+      assert float(metrics["nonfinite"]) == 0.0
+      labels[4] = train.IGNORE_INDEX
+      state, metrics = step(state, teacher_variables, on_device(labels))
+      assert float(metrics["nonfinite"]) == 0.0
