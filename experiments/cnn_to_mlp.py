@@ -17,8 +17,11 @@ The quick variant (about 3 minutes; fewer epochs, one seed, a smaller sweep):
   python -m experiments.cnn_to_mlp --workdir workdir/cnn_to_mlp_quick --config.quick=True
 
 Rerunning a command skips finished sub-runs and resumes unfinished ones from their
-checkpoints. Outputs in the workdir: ``results.json``, ``results.md``, ``sweep.png``,
-``accuracy.png``, and per sub-run ``metrics.jsonl`` and checkpoints.
+checkpoints, when their inputs (model, data, settings, teacher) are those of this run;
+a sub-run whose inputs changed, say with ``--config.student_hidden="(50,)"``, is moved
+aside to ``NAME.stale-N`` and trained again, and the changed inputs are printed.
+Outputs in the workdir: ``results.json``, ``results.md``, ``sweep.png``,
+``accuracy.png``, and per sub-run ``inputs.json``, ``metrics.jsonl`` and checkpoints.
 """
 
 from __future__ import annotations
@@ -30,6 +33,34 @@ import ml_collections
 import numpy as np
 
 from experiments import common
+
+# The config entries each sub-run depends on (its fingerprint and checkpoints keep these alone): a new sweep value
+# or latency_repeats leaves the finished teacher and students valid. Seeds, T and alpha are explicit arguments.
+TEACHER_KEYS = (
+  *common.DATA_KEYS,
+  "teacher_features",
+  "teacher_dense",
+  "teacher_dropout",
+  "teacher_epochs",
+  "teacher_lr",
+)
+STUDENT_KEYS = (*common.DATA_KEYS, "student_hidden", "student_epochs", "student_lr")
+
+RULES = {
+  **common.DATA_RULES,
+  "teacher_features": common.sequence_of(common.POSITIVE_INT),
+  "teacher_dense": common.POSITIVE_INT,
+  "teacher_dropout": common.DROPOUT,
+  "teacher_epochs": common.POSITIVE,
+  "teacher_lr": common.POSITIVE,
+  "student_hidden": common.sequence_of(common.POSITIVE_INT, allow_empty=True),
+  "student_epochs": common.POSITIVE,
+  "student_lr": common.POSITIVE,
+  "temperatures": common.sequence_of(common.POSITIVE),
+  "alphas": common.sequence_of(common.FRACTION),
+  "seeds": common.sequence_of(common.NON_NEGATIVE_INT),
+  "latency_repeats": common.POSITIVE_INT,
+}
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -78,6 +109,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
   from jaxkd import logit_cache
   from jaxkd.models import CNN, MLP
 
+  common.check_config(config, RULES)
   mean, std = common.pixel_stats(config.dataset)
   fit_set, val_set, test_set = common.load_splits(config)
   num_classes = fit_set.num_classes
@@ -89,7 +121,6 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     mean=mean,
     std=std,
     placement=config.placement,
-    config=config,
   )
   print(f"transfer set: {len(fit_set)} examples; validation {len(val_set)}; test {len(test_set)}", flush=True)
 
@@ -108,6 +139,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     num_epochs=config.teacher_epochs,
     learning_rate=config.teacher_lr,
     seed=0,
+    config=common.subconfig(config, TEACHER_KEYS),
     **common_args,
   )
   teacher_variables, teacher_info = common.load_subrun_variables(workdir, "teacher")
@@ -129,6 +161,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
       temperature=temperature or 1.0,
       alpha=alpha if distil else 0.5,
       meta={"teacher": teacher_info} if distil else None,
+      config=common.subconfig(config, STUDENT_KEYS),
       **common_args,
     )
 
@@ -142,8 +175,9 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
   distilled = []
   for seed in config.seeds:
     if seed == config.seeds[0]:
-      # The sweep's run with the chosen (T, alpha) is this seed's distilled student.
-      distilled.append(student_run(f"sweep/T{best['temperature']:g}_alpha{best['alpha']:g}", seed))
+      # The sweep's run with the chosen (T, alpha) is this seed's distilled student: the same inputs, so reused.
+      name = f"sweep/T{best['temperature']:g}_alpha{best['alpha']:g}"
+      distilled.append(student_run(name, seed, best["temperature"], best["alpha"]))
     else:
       name = f"distilled/T{best['temperature']:g}_alpha{best['alpha']:g}_seed{seed}"
       distilled.append(student_run(name, seed, best["temperature"], best["alpha"]))

@@ -1,16 +1,21 @@
-"""Shared machinery for experiment modules: command line, logging, tables, plots, model costs.
+"""Shared machinery for experiment modules: command line, config checks, sub-runs, tables, plots, model costs.
 
 Every experiment module defines ``get_config()`` and ``run(config, workdir)``, and ends
 with ``if __name__ == "__main__": common.main(get_config, run)``, which gives it the
 command line ``python -m experiments.NAME --workdir DIR [--config.KEY=VALUE ...]``.
+``run`` starts with :func:`check_config`, so a bad value stops it before anything trains.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
+import numbers
 import os
 import pathlib
+import re
 import statistics
 import sys
 import time
@@ -23,7 +28,22 @@ import numpy as np
 
 from jaxkd.metrics import to_python as _to_python
 
-__all__ = ["main", "resolve_quick", "write_json", "read_json", "mean_std", "markdown_table"]
+__all__ = [
+  "ConfigError",
+  "Rule",
+  "check_config",
+  "main",
+  "markdown_table",
+  "mean_std",
+  "one_of",
+  "read_json",
+  "resolve_quick",
+  "sequence_of",
+  "subconfig",
+  "subrun_inputs",
+  "train_subrun",
+  "write_json",
+]
 
 # ---------------------------------------------------------------- command line
 
@@ -52,8 +72,18 @@ def main(
     raise SystemExit(f"{argv[0]}: --workdir is required")
   config = resolve_quick(flag_values.config, argv)
   workdir = pathlib.Path(flag_values.workdir).expanduser()
-  workdir.mkdir(parents=True, exist_ok=True)
-  return run(config, workdir)
+  if workdir.exists() and not workdir.is_dir():
+    raise SystemExit(
+      f"{argv[0]}: --workdir {workdir} is a file, not a directory; pass a directory (it is created if missing)."
+    )
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+  except OSError as e:  # a file on the path above it, no permission, a read-only disk
+    raise SystemExit(f"{argv[0]}: cannot create --workdir {workdir} ({type(e).__name__}: {e}).") from e
+  try:
+    return run(config, workdir)
+  except ConfigError as e:  # raised before any training: the message is all the user needs, not a traceback
+    raise SystemExit(f"{argv[0]}: {e}") from e
 
 
 def resolve_quick(config: ml_collections.ConfigDict, argv: Sequence[str]) -> ml_collections.ConfigDict:
@@ -66,6 +96,99 @@ def resolve_quick(config: ml_collections.ConfigDict, argv: Sequence[str]) -> ml_
     if key not in explicit:
       config[key] = value
   return config
+
+
+# ---------------------------------------------------------------- config checks
+
+
+class ConfigError(ValueError):
+  """Config values that cannot work, all named in one message; raised before anything trains."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """What a config value must be: ``test(value)`` is True when it is, ``requirement`` says it in words."""
+
+  requirement: str
+  test: Callable[[Any], bool]
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+  return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_placement(value: Any) -> bool:
+  from jaxkd.placement import as_placement
+
+  try:
+    as_placement(value)
+  except (TypeError, ValueError):
+    return False
+  return True
+
+
+POSITIVE = Rule("a number > 0", lambda v: _is_number(v) and v > 0)
+NON_NEGATIVE = Rule("a number >= 0", lambda v: _is_number(v) and v >= 0)
+FRACTION = Rule("a number in [0, 1]", lambda v: _is_number(v) and 0 <= v <= 1)
+DROPOUT = Rule("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1)
+POSITIVE_INT = Rule("an int >= 1", lambda v: _is_int(v) and v >= 1)
+NON_NEGATIVE_INT = Rule("an int >= 0", lambda v: _is_int(v) and v >= 0)
+SUBSET = Rule("an int >= 0 (0: all)", NON_NEGATIVE_INT.test)
+NAME = Rule("a non-empty string", lambda v: isinstance(v, str) and bool(v))
+PLACEMENT = Rule("'single', 'pmap', 'data_parallel' or 'shard_map'", _is_placement)
+
+
+def sequence_of(rule: Rule, *, allow_empty: bool = False) -> Rule:
+  """A tuple or list (non-empty unless ``allow_empty``) whose every item passes ``rule``; never a string."""
+  return Rule(
+    f"a {'' if allow_empty else 'non-empty '}sequence, each {rule.requirement}, e.g. '(1, 2)'",
+    lambda v: isinstance(v, (tuple, list)) and (allow_empty or len(v) > 0) and all(rule.test(x) for x in v),
+  )
+
+
+def one_of(choices: Iterable[Any]) -> Rule:
+  choices = tuple(choices)
+  return Rule(f"one of {list(choices)}", lambda v: v in choices)
+
+
+# The keys load_splits reads; every experiment has them.
+DATA_RULES: Mapping[str, Rule] = {
+  "dataset": NAME,
+  "validation_size": POSITIVE_INT,
+  "train_subset": SUBSET,
+  "test_subset": SUBSET,
+  "batch_size": POSITIVE_INT,
+  "placement": PLACEMENT,
+}
+# The data keys every sub-run depends on (data_dir and source_dir say where the data is, not what it is).
+DATA_KEYS = ("dataset", "validation_size", "train_subset", "test_subset", "batch_size")
+
+
+def check_config(config: ml_collections.ConfigDict, rules: Mapping[str, Rule]) -> None:
+  """Checks each key of ``config`` that ``rules`` names (a rule for an absent key is skipped).
+
+  Raises:
+    ConfigError: naming every key that breaks its rule, its value and what it must be.
+  """
+  problems = [
+    f"{key}={config[key]!r} must be {rule.requirement}"
+    for key, rule in rules.items()
+    if key in config and not rule.test(config[key])
+  ]
+  if problems:
+    raise ConfigError(f"invalid config: {'; '.join(problems)}. Fix it on the command line with --config.KEY=VALUE.")
+
+
+def subconfig(config: ml_collections.ConfigDict, keys: Iterable[str]) -> ml_collections.ConfigDict:
+  """The entries of ``config`` that one sub-run depends on: its fingerprint, and the config its checkpoints keep.
+
+  Only those: a sweep's other values or a plot setting changing must not make a finished teacher stale.
+  """
+  return ml_collections.ConfigDict({key: config[key] for key in keys if key in config})
 
 
 # ---------------------------------------------------------------- logging and results
@@ -236,10 +359,27 @@ def load_splits(config: ml_collections.ConfigDict):
   from jaxkd import datasets
 
   kwargs = {"data_dir": config.data_dir or None, "source_dir": config.source_dir or None}
-  num_fit = len(datasets.load_data_source(config.dataset, "train", **kwargs)) - config.validation_size
+  num_train = len(datasets.load_data_source(config.dataset, "train", **kwargs))
+  # A validation_size past the split would slice from the end (train[:-5]) and quietly shrink the fit split.
+  if not 0 < config.validation_size < num_train:
+    raise ConfigError(
+      f"validation_size={config.validation_size} must leave examples to train on: {config.dataset!r} has "
+      f"{num_train} training examples, so use 1 to {num_train - 1}."
+    )
+  num_fit = num_train - config.validation_size
+  if config.train_subset > num_fit:
+    raise ConfigError(
+      f"train_subset={config.train_subset} is more than the {num_fit} training examples left after "
+      f"validation_size={config.validation_size}; use at most {num_fit} (0: all of them)."
+    )
   fit_set = datasets.load(config.dataset, f"train[:{num_fit}]", **kwargs)
   val_set = datasets.load(config.dataset, f"train[{num_fit}:]", **kwargs)
   test_set = datasets.load(config.dataset, "test", **kwargs)
+  if config.get("test_subset", 0) > len(test_set):
+    raise ConfigError(
+      f"test_subset={config.test_subset} is more than the {len(test_set)} test examples; use at most "
+      f"{len(test_set)} (0: all of them)."
+    )
   if config.get("test_subset"):
     test_set = data_lib.transfer_set(test_set, num_examples=config.test_subset, seed=0)
   if config.train_subset:
@@ -300,8 +440,12 @@ def train_subrun(
 ) -> dict[str, Any]:
   """Trains one model (teacher, scratch student or distilled student) in ``workdir/name``; resumable.
 
-  A finished sub-run has ``workdir/name/result.json`` and is skipped when the
-  experiment is rerun; an unfinished one resumes from its last checkpoint. The
+  ``workdir/name/inputs.json`` records everything that determines the sub-run (see
+  :func:`subrun_inputs`) and its fingerprint, which ``result.json`` repeats. On a rerun
+  a finished sub-run with the same fingerprint is reused and an unfinished one resumes
+  from its last checkpoint; one with other inputs (or from before fingerprints) is
+  moved aside to ``workdir/name.stale-N``, with a message naming what changed, and
+  trained again from scratch, so that no result mixes two settings. The
   student learns online from ``teacher_apply_fn`` (on the same augmented batch), or
   offline from ``teacher_logits`` (rows aligned with ``train_set``), or from labels
   alone when neither is given. With a :class:`jaxkd.Objective` as ``method`` it
@@ -312,8 +456,11 @@ def train_subrun(
 
   Returns:
     ``result.json``'s content: ``{split}_accuracy`` and ``{split}_errors`` per eval set,
-    ``num_steps``, ``train_seconds`` and ``params``.
+    ``num_steps``, ``train_seconds``, ``params`` and the inputs' ``fingerprint``.
   """
+  # First, while the arguments are the only locals. A new argument must be added to subrun_inputs (or here to
+  # _NOT_INPUTS), or this raises TypeError: nothing that changes a sub-run may escape its fingerprint.
+  inputs = subrun_inputs(**{key: value for key, value in locals().items() if key not in _NOT_INPUTS})
   import optax
 
   from jaxkd import data as data_lib
@@ -323,11 +470,14 @@ def train_subrun(
   from jaxkd.placement import as_placement
 
   placement = as_placement(placement)
+  fingerprint = _fingerprint(inputs)
   run_dir = workdir / name
   result_path = run_dir / "result.json"
-  if result_path.exists():
-    return read_json(result_path)
+  finished = _finished_or_set_aside(run_dir, name, fingerprint, inputs)
+  if finished is not None:
+    return finished
   run_dir.mkdir(parents=True, exist_ok=True)
+  write_json(run_dir / INPUTS_FILE, {"fingerprint": fingerprint, "inputs": inputs})
 
   def make_iterator():
     return data_lib.BatchIterator(
@@ -385,17 +535,198 @@ def train_subrun(
   if result.preempted:
     raise SystemExit(143)
   train_seconds = time.perf_counter() - start
-  eval_step = train_lib.make_eval_step(placement=placement)
-  out: dict[str, Any] = {"num_steps": num_steps, "train_seconds": train_seconds}
-  for split, dataset in eval_sets.items():
-    metrics = evaluate(eval_step, result.state, None, dataset, batch_size=1000, mean=mean, std=std)
-    out[f"{split}_accuracy"] = metrics["accuracy"]
-    out[f"{split}_errors"] = int(round((1.0 - metrics["accuracy"]) * metrics["count"]))
-  from jaxkd.models import count_params
-
-  out["params"] = count_params(result.state.params)  # the student alone: adapters live in state.adapters
+  out = {"fingerprint": fingerprint, "num_steps": num_steps, "train_seconds": train_seconds}
+  out |= _evaluate_splits(result.state, eval_sets, placement=placement, mean=mean, std=std)
   write_json(result_path, out)
   return out
+
+
+def _evaluate_splits(state: Any, eval_sets: Mapping[str, Any], *, placement: Any, mean: Any, std: Any) -> dict:
+  """``{split}_accuracy`` and ``{split}_errors`` per eval set, and the student's ``params``."""
+  from jaxkd import train as train_lib
+  from jaxkd.models import count_params
+
+  eval_step = train_lib.make_eval_step(placement=placement)
+  out: dict[str, Any] = {}
+  for split, dataset in eval_sets.items():
+    metrics = evaluate(eval_step, state, None, dataset, batch_size=1000, mean=mean, std=std)
+    out[f"{split}_accuracy"] = metrics["accuracy"]
+    out[f"{split}_errors"] = int(round((1.0 - metrics["accuracy"]) * metrics["count"]))
+  out["params"] = count_params(state.params)  # the student alone: adapters live in state.adapters
+  return out
+
+
+INPUTS_FILE = "inputs.json"
+# train_subrun's arguments that say where a sub-run lives, runs and saves, not what it computes.
+_NOT_INPUTS = ("workdir", "name", "placement", "checkpoint_every")
+
+
+def subrun_inputs(
+  *,
+  model: Any,
+  train_set: Any,
+  eval_sets: Mapping[str, Any],
+  num_epochs: float,
+  batch_size: int,
+  learning_rate: float,
+  seed: int,
+  mean: Any,
+  std: Any,
+  teacher_apply_fn: Callable | None = None,
+  teacher_variables: Any = None,
+  teacher_logits: np.ndarray | None = None,
+  temperature: float = 1.0,
+  alpha: float = 0.5,
+  loss_fn: Callable | None = None,
+  max_translation: int = 0,
+  weight_decay: float = 0.0,
+  config: Any = None,
+  meta: Mapping[str, Any] | None = None,
+  method: Any = None,
+) -> dict[str, Any]:
+  """What determines a :func:`train_subrun` (its arguments but the placement and checkpoint interval), as JSON.
+
+  Models, functions and methods are described by :func:`jaxkd.logit_cache.describe` (a Flax module by its
+  fields), datasets and teacher logits by a hash of their contents, the teacher's variables by
+  :func:`jaxkd.utils.tree_fingerprint`. Temperature, alpha and the loss only count where a teacher is.
+  """
+  from jaxkd.utils import tree_fingerprint
+
+  distilled = teacher_apply_fn is not None or teacher_logits is not None
+  teacher = None
+  if teacher_apply_fn is not None:
+    teacher = {"apply_fn": _describe(teacher_apply_fn), "variables_sha256": tree_fingerprint(teacher_variables)}
+  recorded_teacher = (meta or {}).get("teacher")
+  inputs = {
+    "model": _describe_model(model),
+    "train_set": _describe_dataset(train_set),
+    "eval_sets": {split: _describe_dataset(dataset) for split, dataset in eval_sets.items()},
+    "num_epochs": float(num_epochs),
+    "batch_size": int(batch_size),
+    "learning_rate": float(learning_rate),
+    "seed": int(seed),
+    "mean": np.asarray(mean, np.float64).reshape(-1).tolist(),
+    "std": np.asarray(std, np.float64).reshape(-1).tolist(),
+    "max_translation": int(max_translation),
+    "weight_decay": float(weight_decay),
+    "teacher": teacher,
+    "teacher_logits_sha256": _array_digest(teacher_logits) if teacher_logits is not None else None,
+    "teacher_checkpoint": recorded_teacher.get("fingerprint") if isinstance(recorded_teacher, Mapping) else None,
+    "temperature": float(temperature) if distilled else None,
+    "alpha": float(alpha) if distilled and method is None else None,
+    "loss_fn": _describe(loss_fn) if distilled and loss_fn is not None else None,
+    "method": _describe(method) if method is not None else None,
+    "config": config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config,
+  }
+  # One JSON round trip: tuples become lists, so what is compared is what the file holds.
+  return json.loads(json.dumps(inputs, sort_keys=True, default=_to_python))
+
+
+def _fingerprint(inputs: Mapping[str, Any]) -> str:
+  return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _describe(value: Any) -> str:
+  from jaxkd.logit_cache import describe
+
+  try:
+    return describe(value)
+  except ValueError:
+    # Undescribable parts (an object whose repr is its address) only weaken the check; the address would break it.
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value))
+
+
+def _describe_model(model: Any) -> dict[str, str]:
+  """A Flax module field by field, so that a changed hyperparameter is named as such."""
+  if not dataclasses.is_dataclass(model):
+    return {"model": _describe(model)}
+  fields = [f.name for f in dataclasses.fields(model) if f.name not in ("parent", "name")]
+  return {"class": f"{type(model).__module__}.{type(model).__qualname__}"} | {
+    name: _describe(getattr(model, name)) for name in fields
+  }
+
+
+def _array_digest(*arrays: Any) -> str:
+  digest = hashlib.blake2b(digest_size=16)
+  for array in arrays:
+    array = np.ascontiguousarray(array)
+    digest.update(f"{array.dtype.str}{array.shape}".encode())
+    digest.update(array.data)
+  return digest.hexdigest()
+
+
+def _describe_dataset(dataset: Any) -> dict[str, Any]:
+  return {
+    "name": dataset.name,
+    "split": dataset.split,
+    "filters": list(dataset.filters),
+    "examples": len(dataset),
+    "blake2b": _array_digest(dataset.images, dataset.labels, dataset.indices),
+  }
+
+
+def _finished_or_set_aside(
+  run_dir: pathlib.Path, name: str, fingerprint: str, inputs: Mapping[str, Any]
+) -> dict[str, Any] | None:
+  """A finished sub-run's result when its fingerprint is ``fingerprint``; else None, after moving a stale one aside.
+
+  An unfinished sub-run with this fingerprint stays where it is, to resume.
+  """
+  if not run_dir.is_dir():
+    return None
+  recorded = _read_dict(run_dir / INPUTS_FILE)
+  result = _read_dict(run_dir / "result.json")
+  if result is not None and result.get("fingerprint") == fingerprint:
+    return result
+  if result is not None:
+    fingerprinted = "fingerprint" in result
+    why = "finished with other inputs" if fingerprinted else "finished before sub-runs recorded their inputs"
+  elif (run_dir / "result.json").exists():
+    why = "its result.json is unreadable"
+  elif (recorded is not None and recorded.get("fingerprint") == fingerprint) or not any(run_dir.iterdir()):
+    return None
+  else:
+    why = "an unfinished run of other inputs" if recorded is not None else "an unfinished run without recorded inputs"
+  stale = _stale_path(run_dir)
+  run_dir.rename(stale)
+  lines = [f"{name}: {why}; moved it to {stale} and training it again from scratch."]
+  if recorded is not None and isinstance(recorded.get("inputs"), Mapping):
+    lines += [f"  changed {key}: {old} -> {new}" for key, (old, new) in _changes(recorded["inputs"], inputs).items()]
+  print("\n".join(lines), flush=True)
+  return None
+
+
+def _read_dict(path: pathlib.Path) -> dict[str, Any] | None:
+  """The JSON object in ``path``; None when it is missing (an older sub-run) or unreadable (half-written)."""
+  try:
+    value = read_json(path)
+  except (OSError, ValueError):
+    return None
+  return value if isinstance(value, dict) else None
+
+
+def _stale_path(run_dir: pathlib.Path) -> pathlib.Path:
+  n = 1
+  while run_dir.with_name(f"{run_dir.name}.stale-{n}").exists():
+    n += 1
+  return run_dir.with_name(f"{run_dir.name}.stale-{n}")
+
+
+def _changes(old: Any, new: Any, prefix: str = "") -> dict[str, tuple[str, str]]:
+  """``{'dotted.key': (old, new)}`` for each leaf that differs, values shortened for printing."""
+  if isinstance(old, Mapping) and isinstance(new, Mapping):
+    changes = {}
+    for key in sorted(set(old) | set(new)):
+      changes |= _changes(old.get(key, "(absent)"), new.get(key, "(absent)"), f"{prefix}.{key}" if prefix else key)
+    return changes
+  if old == new:
+    return {}
+
+  def short(value: Any) -> str:
+    text = " ".join(str(value).split())
+    return text if len(text) <= 100 else text[:97] + "..."
+
+  return {prefix or "(all)": (short(old), short(new))}
 
 
 def _maybe_prefetch(iterator: Any, placement: Any) -> Any:

@@ -22,7 +22,8 @@ Quick variant (about 3 minutes):
   python -m experiments.hinton2015 --workdir workdir/hinton2015_quick --config.quick=True
 
 Outputs: ``results.json``, ``results.md``, ``temperature_sweep.png``; reruns skip
-finished sub-runs and resume unfinished ones.
+finished sub-runs and resume unfinished ones whose inputs are unchanged, and train the
+others again (the old ones are moved aside to ``NAME.stale-N``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,34 @@ import ml_collections
 from experiments import common
 
 PAPER = {"teacher_errors": 67, "scratch_errors": 146, "distilled_errors": 74}
+
+# The config entries each sub-run depends on (its fingerprint and checkpoints keep these alone); the students'
+# widths, epochs and temperature are explicit arguments, so a new sweep value leaves the finished runs valid.
+TEACHER_KEYS = (
+  *common.DATA_KEYS,
+  *(f"teacher_{k}" for k in ("hidden", "dropout", "input_dropout", "jitter", "epochs", "lr")),
+  "seed",
+)
+STUDENT_KEYS = (*common.DATA_KEYS, "student_lr", "seed")
+
+RULES = {
+  **common.DATA_RULES,
+  "teacher_hidden": common.sequence_of(common.POSITIVE_INT, allow_empty=True),
+  "teacher_dropout": common.DROPOUT,
+  "teacher_input_dropout": common.DROPOUT,
+  "teacher_jitter": common.NON_NEGATIVE_INT,
+  "teacher_epochs": common.POSITIVE,
+  "teacher_lr": common.POSITIVE,
+  "student_hidden": common.sequence_of(common.POSITIVE_INT, allow_empty=True),
+  "student_epochs": common.POSITIVE,
+  "student_lr": common.POSITIVE,
+  "temperature": common.POSITIVE,
+  "alpha": common.FRACTION,
+  "sweep_temperatures": common.sequence_of(common.POSITIVE),
+  "sweep_widths": common.sequence_of(common.POSITIVE_INT),
+  "sweep_epochs": common.POSITIVE,
+  "seed": common.NON_NEGATIVE_INT,
+}
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -83,6 +112,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
   from jaxkd import logit_cache
   from jaxkd.models import MLP
 
+  common.check_config(config, RULES)
   mean, std = common.pixel_stats(config.dataset)
   fit_set, val_set, test_set = common.load_splits(config)
   num_classes = fit_set.num_classes
@@ -93,7 +123,6 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     mean=mean,
     std=std,
     placement=config.placement,
-    config=config,
   )
   teacher = MLP(
     hidden_sizes=tuple(config.teacher_hidden),
@@ -109,6 +138,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     learning_rate=config.teacher_lr,
     seed=config.seed,
     max_translation=config.teacher_jitter,
+    config=common.subconfig(config, TEACHER_KEYS),
     **common_args,
   )
   teacher_variables, teacher_info = common.load_subrun_variables(workdir, "teacher")
@@ -133,6 +163,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
       temperature=temperature or 1.0,
       alpha=config.alpha,
       meta={"teacher": teacher_info} if distil else None,
+      config=common.subconfig(config, STUDENT_KEYS),
       **common_args,
     )
 

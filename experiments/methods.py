@@ -36,7 +36,9 @@ flips:
   python -m experiments.methods --workdir workdir/methods_cifar100 --config.dataset=cifar100 \\
     --config.teacher_epochs=240 --config.student_epochs=240 --config.teacher_dropout=0 --config.max_translation=4
 
-Rerunning a command skips finished sub-runs and resumes unfinished ones from their checkpoints.
+Rerunning a command skips finished sub-runs and resumes unfinished ones from their checkpoints when their inputs are
+unchanged; a sub-run whose inputs changed (a method's setting, the teacher) is moved aside to ``NAME.stale-N`` and
+trained again.
 """
 
 from __future__ import annotations
@@ -88,6 +90,30 @@ LABELS = {
   "pkt": "PKT (Passalis 2018)",
   "cc": "CC (Peng 2019)",
   "crd": "CRD (Tian 2020)",
+}
+
+
+# The config entries each sub-run depends on (its fingerprint and checkpoints keep these alone). A method's own
+# settings (crd_negatives, dkd_warmup_fraction) are in its described Objective, so they rerun that method alone.
+TEACHER_KEYS = (*common.DATA_KEYS, "max_translation", *(f"teacher_{k}" for k in ("features", "dense", "dropout")))
+STUDENT_KEYS = (*common.DATA_KEYS, "max_translation", "student_features", "student_dense")
+
+RULES = {
+  **common.DATA_RULES,
+  "max_translation": common.NON_NEGATIVE_INT,
+  "teacher_features": common.sequence_of(common.POSITIVE_INT),
+  "teacher_dense": common.POSITIVE_INT,
+  "teacher_dropout": common.DROPOUT,
+  "teacher_epochs": common.POSITIVE,
+  "teacher_lr": common.POSITIVE,
+  "student_features": common.sequence_of(common.POSITIVE_INT),
+  "student_dense": common.POSITIVE_INT,
+  "student_epochs": common.POSITIVE,
+  "student_lr": common.POSITIVE,
+  "seeds": common.sequence_of(common.NON_NEGATIVE_INT),
+  "methods": common.sequence_of(common.one_of(ALL_METHODS), allow_empty=True),
+  "crd_negatives": common.POSITIVE_INT,
+  "dkd_warmup_fraction": common.FRACTION,
 }
 
 
@@ -260,6 +286,7 @@ def describe(method) -> str:
 
 
 def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
+  common.check_config(config, RULES)
   fit_set, _, test_set = common.load_splits(config)
   # CRD's memory bank has a row per training example: batch['index'] must count the fit set from 0.
   fit_set = dataclasses.replace(fit_set, indices=np.arange(len(fit_set)))
@@ -272,7 +299,6 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     std=pair.std,
     placement=config.placement,
     max_translation=config.max_translation,
-    config=config,
   )
   print(f"{config.dataset}: {len(fit_set)} training and {len(test_set)} test examples", flush=True)
 
@@ -283,6 +309,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     num_epochs=config.teacher_epochs,
     learning_rate=config.teacher_lr,
     seed=0,
+    config=common.subconfig(config, TEACHER_KEYS),
     **common_args,
   )
   teacher_variables, teacher_info = common.load_subrun_variables(workdir, "teacher")
@@ -301,6 +328,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
       temperature=4.0,
       method=method,
       meta={"teacher": teacher_info, "method": describe(method)} if method is not None else None,
+      config=common.subconfig(config, STUDENT_KEYS),
       **common_args,
     )
 

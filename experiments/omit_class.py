@@ -33,6 +33,21 @@ from experiments import common, hinton2015
 
 PAPER = {"errors": 206, "errors_on_class": 133, "shift": 3.5, "errors_after": 109, "errors_on_class_after": 14}
 
+STUDENT_KEYS = (
+  *common.DATA_KEYS,
+  *(f"student_{k}" for k in ("hidden", "epochs", "lr")),
+  "temperature",
+  "alpha",
+  "omitted_class",
+  "seed",
+)
+RULES = {
+  **hinton2015.RULES,  # for the keys this config shares with hinton2015's; check_config skips the others
+  "omitted_class": common.NON_NEGATIVE_INT,
+  "max_shift": common.NON_NEGATIVE,
+  "shift_step": common.POSITIVE,
+}
+
 
 def get_config() -> ml_collections.ConfigDict:
   # The paper's MNIST teacher and student, as in hinton2015 (one definition, so the two experiments stay the same).
@@ -74,10 +89,15 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
   from jaxkd import logit_cache
   from jaxkd.models import MLP
 
+  common.check_config(config, RULES)
   mean, std = common.pixel_stats(config.dataset)
   fit_set, val_set, test_set = common.load_splits(config)
   num_classes = fit_set.num_classes
   omitted = config.omitted_class
+  if omitted >= num_classes:
+    raise common.ConfigError(
+      f"invalid config: omitted_class={omitted} must be a class of {config.dataset!r}, 0 to {num_classes - 1}."
+    )
   eval_sets = {"val": val_set, "test": test_set}
   teacher = MLP(
     hidden_sizes=tuple(config.teacher_hidden),
@@ -99,7 +119,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     std=std,
     placement=config.placement,
     max_translation=config.teacher_jitter,
-    config=config,
+    config=common.subconfig(config, hinton2015.TEACHER_KEYS),
   )
   teacher_variables, teacher_info = common.load_subrun_variables(workdir, "teacher")
 
@@ -124,7 +144,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     teacher_logits=teacher_logits,
     temperature=config.temperature,
     alpha=config.alpha,
-    config=config,
+    config=common.subconfig(config, STUDENT_KEYS),
     meta={"teacher": teacher_info},
   )
   student_variables, _ = common.load_subrun_variables(workdir, f"student_without_{omitted}")

@@ -289,12 +289,20 @@ class BatchIterator:
     process_index: int | None = None,
     process_count: int | None = None,
   ):
+    if len(dataset) == 0:
+      # Caught here: later it is no batch at all, or a mean over zero examples.
+      raise ValueError(f"BatchIterator got an empty dataset ({dataset!r}); check the split and filters that made it.")
     self._dataset = dataset
     self.train = train
     self.seed = int(seed)
     self.num_epochs = num_epochs
     self.process_index = jax.process_index() if process_index is None else int(process_index)
     self.process_count = jax.process_count() if process_count is None else int(process_count)
+    if self.process_count < 1 or not 0 <= self.process_index < self.process_count:
+      raise ValueError(
+        f"process_index must be in [0, process_count) with process_count >= 1, got process_index "
+        f"{self.process_index} of process_count {self.process_count}."
+      )
     if batch_size < 1 or batch_size % self.process_count:
       raise ValueError(f"batch_size {batch_size} must be a positive multiple of process_count {self.process_count}.")
     self.batch_size = int(batch_size)

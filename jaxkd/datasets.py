@@ -10,6 +10,9 @@ TensorFlow). Ours read the four standard IDX files offline, in this order:
    installs ``/usr/share/datasets/fashion-mnist``);
 3. only then the canonical URLs, through tfds's download manager.
 
+A ``source_dir`` that is missing or lacks a file is not fatal while another place has
+the data, but it is said: a warning names it and the directory used instead.
+
 The split is prepared once, as ``array_record`` files under ``data_dir``
 (tfds's default ``~/tensorflow_datasets``, or ``$TFDS_DATA_DIR``), and every later
 call reuses it without looking at the IDX files again. Features are
@@ -23,7 +26,9 @@ does, minus the attempt to prepare, which for catalog builders needs TensorFlow)
 Every IDX file is read and checked completely (gzip stream, magic number, shape,
 byte count, label range) before a single example is written, and tfds writes into
 an ``incomplete.*`` directory that it renames only on success: a broken file
-raises :class:`IdxFormatError` naming it and leaves no partial dataset behind.
+raises :class:`IdxFormatError` naming it and leaves no partial dataset behind. A
+prepared copy damaged later (a bad disk, an interrupted copy) raises
+:class:`DamagedDataError` naming the directory to delete.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import inspect
 import os
 import socket
 import urllib.parse
+import warnings
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -44,6 +50,7 @@ from etils import epath
 
 __all__ = [
   "ArrayDataset",
+  "DamagedDataError",
   "DataNotFoundError",
   "IDX_FILES",
   "IdxFormatError",
@@ -98,6 +105,10 @@ class IdxFormatError(ValueError):
 
 class DataNotFoundError(FileNotFoundError):
   """No prepared data, no source files and no download: nothing to build a dataset from."""
+
+
+class DamagedDataError(RuntimeError):
+  """The prepared (array_record) copy of a dataset cannot be read; the message names the directory to delete."""
 
 
 def read_idx(path: str | os.PathLike, *, ndim: int) -> np.ndarray:
@@ -214,6 +225,8 @@ class _IdxBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self._download = download
     kwargs.setdefault("file_format", tfds.core.FileFormat.ARRAY_RECORD)
     super().__init__(**kwargs)
+    # tfds points data_dir at a temporary directory while preparing; warnings name the final one.
+    self._prepared_dir = os.fspath(self.data_dir)
 
   @tfds.core.utils.classproperty
   @classmethod
@@ -242,9 +255,21 @@ class _IdxBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       disable_shuffling=True,
     )
 
+  def _warn_source_dir_unused(self, report: list[str], instead: str) -> None:
+    """Says that the caller's ``source_dir`` was passed over, since what is prepared now is reused from then on."""
+    if self._source_dir is None:
+      return
+    warnings.warn(
+      f"source_dir {report[0]}: preparing {self.DATASET!r} from {instead} instead. If that is not the data you "
+      f"meant, fix source_dir and delete {self._prepared_dir}, which every later load reuses.",
+      stacklevel=2,
+    )
+
   def _idx_paths(self, dl_manager: tfds.download.DownloadManager) -> dict[str, str]:
     directory, report = find_idx_dir(self.DATASET, self._source_dir)
     if directory is not None:
+      if self._source_dir is not None and directory != os.fspath(self._source_dir):
+        self._warn_source_dir_unused(report, directory)
       return {role: os.path.join(directory, filename) for role, filename in IDX_FILES.items()}
     urls = {role: _URLS[self.DATASET] + filename for role, filename in IDX_FILES.items()}
     searched = "; ".join(report) if report else "none (no source_dir given and no system directory known)"
@@ -259,6 +284,7 @@ class _IdxBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         f"No IDX files for {self.DATASET!r}. Directories searched: {searched}. "
         f"Cannot download from {base}: host {urllib.parse.urlparse(base).hostname} does not resolve (offline?). {hint}"
       )
+    self._warn_source_dir_unused(report, f"the files downloaded from {base}")
     try:
       paths = dl_manager.download(urls)
     except Exception as e:  # requests, OSError, checksum errors: all mean "no data", said once, clearly.
@@ -383,9 +409,11 @@ def load_data_source(
   Raises:
     DataNotFoundError: no data could be found (the message names where it looked).
     IdxFormatError: an IDX file is corrupt.
+    DamagedDataError: the prepared copy cannot be read (the message names the directory to delete).
+    ValueError: the split is empty or not one of the dataset's.
   """
   if name in _IDX_BUILDERS:
-    return builder(name, data_dir=data_dir, source_dir=source_dir, download=download).as_data_source(split=split)
+    return _data_source(builder(name, data_dir=data_dir, source_dir=source_dir, download=download), name, split)
   if source_dir is not None:
     raise ValueError(f"source_dir is only used by the IDX datasets {sorted(SYSTEM_DIRS)}, not by {name!r}.")
   prepare = f"Prepare it first in array_record format, e.g. `tfds build {name} --file_format=array_record" + (
@@ -405,7 +433,34 @@ def load_data_source(
       f"tfds dataset {name!r} in {catalog_builder.data_dir} is stored as {file_format.value}, which has no "
       f"random access. {prepare}"
     )
-  return catalog_builder.as_data_source(split=split)
+  return _data_source(catalog_builder, name, split)
+
+
+def _data_source(prepared: tfds.core.DatasetBuilder, name: str, split: str) -> Sequence[dict[str, Any]]:
+  # array_record's own error for an empty split ("Paths sequence can not be of 0 length") names neither.
+  if prepared.info.splits[split].num_examples == 0:
+    sizes = ", ".join(f"{s} {info.num_examples}" for s, info in prepared.info.splits.items())
+    raise ValueError(
+      f"split {split!r} of {name!r} is empty (the dataset has {sizes} examples); choose a non-empty one."
+    )
+  try:
+    return prepared.as_data_source(split=split)
+  except RuntimeError as e:  # array_record reports a missing or broken file as RuntimeError.
+    raise DamagedDataError(_damaged_message(name, prepared.data_dir, e)) from e
+
+
+def _damaged_message(name: str, prepared_dir: Any, error: Exception) -> str:
+  detail = str(error).splitlines()[0] if str(error) else ""
+  again = (
+    "jaxkd prepares it again from the IDX files"
+    if name in _IDX_BUILDERS
+    else f"then prepare it again, e.g. `tfds build {name} --file_format=array_record`"
+  )
+  return (
+    f"the prepared copy of {name!r} in {os.fspath(prepared_dir)} cannot be read ({type(error).__name__}: "
+    f"{detail[:300]}): it is damaged (an interrupted copy, a full disk, a bad disk?). Delete {os.fspath(prepared_dir)} "
+    f"and load again; {again}."
+  )
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -496,9 +551,16 @@ def load(
 
     train = load("fashion_mnist", "train")
     train.images.shape, train.labels.shape, train.num_classes  # (60000, 28, 28, 1), (60000,), 10
+
+  Raises:
+    Those of :func:`load_data_source`, and :class:`DamagedDataError` when a record of the prepared copy fails its
+    checks while it is read (the message names the directory to delete).
   """
   source = load_data_source(name, split, data_dir=data_dir, source_dir=source_dir, download=download)
-  images, labels = _to_arrays(source)
+  try:
+    images, labels = _to_arrays(source)
+  except RuntimeError as e:  # Riegeli's "Corrupted Riegeli/records file: chunk data hash mismatch ..."
+    raise DamagedDataError(_damaged_message(name, source.dataset_info.data_dir, e)) from e
   if images.dtype != np.uint8:
     raise TypeError(f"{name!r} images are {images.dtype}; the pipeline expects uint8 images.")
   num_classes = source.dataset_info.features["label"].num_classes

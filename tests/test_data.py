@@ -302,6 +302,22 @@ def test_invalid_settings(kwargs, message):
     iterator(**kwargs)
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_an_empty_dataset_is_refused_up_front(train):
+  # Evaluation used to yield no batch at all, training a "lower batch_size" that no batch size could satisfy.
+  with pytest.raises(ValueError, match=r"BatchIterator got an empty dataset \(ArrayDataset\(name='toy'"):
+    iterator(make_dataset(0), train=train)
+
+
+@pytest.mark.parametrize(
+  "process_index, process_count", [(0, 0), (2, 2), (-1, 2)], ids=["no_processes", "index_too_large", "negative"]
+)
+def test_process_index_and_count_are_checked(process_index, process_count):
+  # process_count 0 was a ZeroDivisionError from `batch_size % process_count`.
+  with pytest.raises(ValueError, match=rf"got process_index {process_index} of process_count {process_count}"):
+    iterator(process_index=process_index, process_count=process_count)
+
+
 # --- teacher logits and devices ------------------------------------------------------------
 
 

@@ -204,7 +204,8 @@ def test_failed_download_through_tfds_is_reported(tmp_path, monkeypatch):
   monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: [])
   monkeypatch.setattr(tfds.download.DownloadManager, "download", failing_download)
   with pytest.raises(datasets.DataNotFoundError, match=r"failed \(ConnectionError: network unreachable\)") as info:
-    datasets.load("mnist", "test", data_dir=tmp_path / "tfds", source_dir=tmp_path)
+    with pytest.warns(UserWarning, match=f"source_dir {tmp_path} \\(missing .*files downloaded from https://"):
+      datasets.load("mnist", "test", data_dir=tmp_path / "tfds", source_dir=tmp_path)
   assert f"{tmp_path} (missing train-images-idx3-ubyte.gz" in str(info.value)
   assert sorted(os.path.basename(url) for url in requested) == sorted(datasets.IDX_FILES.values())
   assert not (tmp_path / "tfds" / "jaxkd_mnist" / "1.0.0").exists()
@@ -253,6 +254,55 @@ def test_images_must_be_28_by_28(tmp_path):
   write_gz(source / "train-images-idx3-ubyte.gz", idx_bytes(np.zeros((NUM_TRAIN, 32, 32), np.uint8)))
   with pytest.raises(datasets.IdxFormatError, match="train-images-idx3-ubyte.gz: images are 32x32, expected 28x28"):
     datasets.load("mnist", "train", data_dir=tmp_path / "tfds", source_dir=source, download=False)
+
+
+def test_a_missing_source_dir_is_named_when_another_directory_is_used(tmp_path, monkeypatch):
+  system = tmp_path / "system"
+  write_idx_dir(system)
+  monkeypatch.setattr(datasets, "SYSTEM_DIRS", {"fashion_mnist": (), "mnist": (str(system),)})
+  missing = tmp_path / "typo"
+  with pytest.warns(UserWarning) as warned:
+    ds = datasets.load("mnist", "test", data_dir=tmp_path / "tfds", source_dir=missing, download=False)
+  assert len(ds) == NUM_TEST
+  (message,) = [str(w.message) for w in warned if "source_dir" in str(w.message)]
+  assert f"source_dir {missing} (no such directory): preparing 'mnist' from {system} instead" in message
+  assert f"delete {tmp_path / 'tfds' / 'jaxkd_mnist' / '1.0.0'}" in message
+
+
+def test_a_source_dir_that_has_the_files_is_used_without_a_warning(tmp_path, recwarn):
+  write_idx_dir(tmp_path / "idx")
+  datasets.load("mnist", "test", data_dir=tmp_path / "tfds", source_dir=tmp_path / "idx", download=False)
+  assert not [w for w in recwarn if "source_dir" in str(w.message)]
+
+
+def test_an_empty_split_is_a_clear_error(prepared):
+  _, data_dir, _ = prepared
+  with pytest.raises(ValueError, match=rf"split 'train\[{NUM_TRAIN}:\]' of 'mnist' is empty \(the dataset has train "):
+    datasets.load("mnist", f"train[{NUM_TRAIN}:]", data_dir=data_dir, download=False)
+
+
+@pytest.mark.parametrize("damage", ["flipped_bytes", "truncated", "deleted"])
+def test_a_damaged_prepared_copy_names_the_directory_to_delete(prepared, tmp_path, damage):
+  source, data_dir, splits = prepared
+  shutil.copytree(data_dir, tmp_path / "tfds")
+  version_dir = tmp_path / "tfds" / "jaxkd_mnist" / "1.0.0"
+  (records,) = version_dir.glob("jaxkd_mnist-train.array_record-*")
+  raw = bytearray(records.read_bytes())
+  if damage == "flipped_bytes":
+    raw[200:-200] = bytes(b ^ 0xFF for b in raw[200:-200])
+    records.write_bytes(bytes(raw))
+  elif damage == "truncated":
+    records.write_bytes(bytes(raw[:1000]))
+  else:
+    records.unlink()
+  with pytest.raises(datasets.DamagedDataError) as info:
+    datasets.load("mnist", "train", data_dir=tmp_path / "tfds", download=False)
+  assert f"the prepared copy of 'mnist' in {version_dir} cannot be read" in str(info.value)
+  assert f"Delete {version_dir} and load again" in str(info.value)
+  # The advice works: deleted, the copy is prepared again from the IDX files.
+  shutil.rmtree(version_dir)
+  ds = datasets.load("mnist", "train", data_dir=tmp_path / "tfds", source_dir=source, download=False)
+  np.testing.assert_array_equal(ds.labels, splits["train"][1])
 
 
 def test_unknown_idx_name_is_rejected():

@@ -3,12 +3,14 @@
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
-from experiments import cnn_to_mlp, hinton2015, omit_class
+from experiments import cnn_to_mlp, common, hinton2015, methods, omit_class
 from tests.test_datasets import REAL_FASHION_MNIST, write_idx_dir
 
 
@@ -62,6 +64,113 @@ def test_cnn_to_mlp_tiny(tiny_data, tmp_path):
   before = (tmp_path / "teacher" / "metrics.jsonl").read_text()
   cnn_to_mlp.run(config, tmp_path)
   assert (tmp_path / "teacher" / "metrics.jsonl").read_text() == before
+
+
+def parameters_only(config, teacher, student, dataset):
+  """cnn_to_mlp.model_costs without the compiles and timings that test_cnn_to_mlp_tiny covers."""
+  import jax
+
+  from jaxkd.models import count_params
+
+  example = np.zeros((1, *dataset.images.shape[1:]), np.float32)
+  costs = {"flops_per_example": 1.0, "latency_b1_ms": 1.0, "latency_b256_ms": 1.0}
+  return {
+    name: {"params": count_params(model.init(jax.random.key(0), example))} | costs
+    for name, model in (("teacher", teacher), ("student", student))
+  }
+
+
+def test_cnn_to_mlp_reruns_what_a_config_change_made_stale(tiny_data, tmp_path, capsys, monkeypatch):
+  """Issue 13: a changed student was reported with the old one's accuracy; a changed teacher was a shape error."""
+  monkeypatch.setattr(cnn_to_mlp, "model_costs", parameters_only)
+  config = tiny(
+    cnn_to_mlp.get_config(),
+    tiny_data,
+    teacher_features=(4,),
+    teacher_dense=8,
+    teacher_epochs=1,
+    student_epochs=1,
+    temperatures=(2.0,),
+    alphas=(0.9,),
+    seeds=(0,),
+    latency_repeats=1,
+  )
+  cnn_to_mlp.run(config, tmp_path)
+  teacher_log = (tmp_path / "teacher" / "metrics.jsonl").read_text()
+  capsys.readouterr()
+
+  config.student_hidden = (5,)
+  saved = cnn_to_mlp.run(config, tmp_path)
+  out = capsys.readouterr().out
+  assert (tmp_path / "teacher" / "metrics.jsonl").read_text() == teacher_log  # the teacher did not change: reused
+  assert "teacher: " not in out
+  assert "scratch/seed0: finished with other inputs" in out and "sweep/T2_alpha0.9: finished with other" in out
+  assert "changed model.hidden_sizes: tuple[100] -> tuple[5]" in out
+  params = 28 * 28 * 5 + 5 + 5 * 10 + 10
+  assert [row["params"] for row in saved["rows"][1:]] == [params, params]
+  assert saved["scratch"][0]["params"] == saved["distilled"][0]["params"] == params  # results of the MLP[5] itself
+  assert "MLP[5]" in (tmp_path / "results.md").read_text()
+  assert (tmp_path / "scratch" / "seed0.stale-1" / "result.json").exists()
+
+  config.teacher_dense = 16
+  saved = cnn_to_mlp.run(config, tmp_path)  # was a flax shape error: the old teacher's variables, the new module
+  out = capsys.readouterr().out
+  assert "teacher: finished with other inputs" in out and "changed model.dense_size: 8 -> 16" in out
+  assert "sweep/T2_alpha0.9: finished with other inputs" in out and "changed teacher_logits_sha256: " in out
+  assert "scratch/seed0: " not in out  # no teacher in it: still valid
+  assert saved["teacher"]["params"] == saved["rows"][0]["params"]
+
+
+@pytest.mark.parametrize(
+  "module, key, value, message",
+  [
+    (cnn_to_mlp, "seeds", ("abc",), "seeds=('abc',) must be a non-empty sequence, each an int >= 0"),
+    (cnn_to_mlp, "seeds", (), "seeds=() must be a non-empty sequence"),
+    (cnn_to_mlp, "temperatures", (0.0,), "temperatures=(0.0,) must be a non-empty sequence, each a number > 0"),
+    (cnn_to_mlp, "alphas", (1.5,), "alphas=(1.5,) must be a non-empty sequence, each a number in [0, 1]"),
+    (cnn_to_mlp, "student_epochs", 0.0, "student_epochs=0.0 must be a number > 0"),
+    (cnn_to_mlp, "placement", "tpu", "placement='tpu' must be 'single', 'pmap'"),
+    (hinton2015, "sweep_widths", (), "sweep_widths=() must be a non-empty sequence, each an int >= 1"),
+    (hinton2015, "teacher_dropout", 1.0, "teacher_dropout=1.0 must be a number in [0, 1)"),
+    (omit_class, "shift_step", 0.0, "shift_step=0.0 must be a number > 0"),
+    (omit_class, "alpha", -0.5, "alpha=-0.5 must be a number in [0, 1]"),
+    (methods, "methods", ("kd", "nope"), "methods=('kd', 'nope') must be a sequence, each one of ['kd'"),
+    (methods, "batch_size", 0, "batch_size=0 must be an int >= 1"),
+  ],
+)
+def test_bad_configs_stop_every_experiment_before_it_trains(tmp_path, module, key, value, message):
+  config = module.get_config()
+  config[key] = value
+  # No data either: were the check gone, the run would stop at once instead of training on the real dataset.
+  config.dataset, config.data_dir = "jaxkd_no_such_dataset", str(tmp_path / "tfds")
+  (tmp_path / "work").mkdir()
+  with pytest.raises(common.ConfigError) as info:
+    module.run(config, tmp_path / "work")
+  assert message in str(info.value)
+  assert not list((tmp_path / "work").iterdir())  # nothing trained, nothing written
+
+
+@pytest.mark.parametrize(
+  "module, overrides, message",
+  [
+    (cnn_to_mlp, {"validation_size": 300}, "validation_size=300 must leave examples to train on: 'fashion_mnist' has"),
+    (cnn_to_mlp, {"train_subset": 250}, "train_subset=250 is more than the 200 training examples left"),
+    (cnn_to_mlp, {"test_subset": 101}, "test_subset=101 is more than the 100 test examples"),
+    (omit_class, {"omitted_class": 10}, "omitted_class=10 must be a class of 'fashion_mnist', 0 to 9"),
+  ],
+)
+def test_configs_that_do_not_fit_the_data_stop_before_training(tiny_data, tmp_path, module, overrides, message):
+  config = tiny(module.get_config(), tiny_data, **overrides)
+  with pytest.raises(common.ConfigError, match=re.escape(message)):
+    module.run(config, tmp_path)
+  assert not list(tmp_path.iterdir())
+
+
+def test_the_command_line_reports_a_bad_config_in_one_line(tmp_path):
+  argv = ["cnn_to_mlp", f"--workdir={tmp_path}", "--config.seeds=abc", "--config.dataset=jaxkd_no_such_dataset"]
+  argv.append(f"--config.data_dir={tmp_path / 'tfds'}")
+  with pytest.raises(SystemExit, match=r"^cnn_to_mlp: invalid config: seeds=\('abc',\) must be a non-empty"):
+    common.main(cnn_to_mlp.get_config, cnn_to_mlp.run, argv)
 
 
 def test_hinton2015_tiny(tiny_data, tmp_path):

@@ -1,9 +1,13 @@
 """The experiment machinery: command line, table builder, plot writers, logging, model costs."""
 
+import json
+
+import jax
 import ml_collections
 import numpy as np
 import pytest
 
+import jaxkd
 from experiments import common
 from jaxkd.models import MLP
 
@@ -72,9 +76,195 @@ def test_json_helpers(tmp_path):
 def test_flops_and_latency():
   model = MLP(hidden_sizes=(100,))
   x = np.zeros((1, 28, 28, 1), np.float32)
-  variables = model.init(__import__("jax").random.key(0), x)
+  variables = model.init(jax.random.key(0), x)
   flops = common.flops_per_example(model.apply, variables, x)
   # Two matmuls dominate: 2*784*100 + 2*100*10 multiply-adds; XLA adds biases and the ReLU.
   assert 2 * (784 * 100 + 100 * 10) <= flops <= 1.1 * 2 * (784 * 100 + 100 * 10)
   latency = common.inference_latency(model.apply, variables, x, batch_size=4, repeats=5)
   assert 0 < latency < 1.0
+
+
+# ---------------------------------------------------------------- config checks and the command line
+
+
+def test_check_config_names_every_bad_value_at_once():
+  config = ml_collections.ConfigDict(
+    {"seeds": ("abc",), "temperatures": (0.0, 2.0), "alphas": (0.5, 1.5), "epochs": 0.0, "batch_size": True}
+  )
+  rules = {
+    "seeds": common.sequence_of(common.NON_NEGATIVE_INT),
+    "temperatures": common.sequence_of(common.POSITIVE),
+    "alphas": common.sequence_of(common.FRACTION),
+    "epochs": common.POSITIVE,
+    "batch_size": common.POSITIVE_INT,
+    "absent": common.POSITIVE,  # not in this config: skipped
+  }
+  with pytest.raises(common.ConfigError) as info:
+    common.check_config(config, rules)
+  message = str(info.value)
+  assert "seeds=('abc',) must be a non-empty sequence, each an int >= 0" in message
+  assert "temperatures=(0.0, 2.0) must be a non-empty sequence, each a number > 0" in message
+  assert "alphas=(0.5, 1.5) must be a non-empty sequence, each a number in [0, 1]" in message
+  assert "epochs=0.0 must be a number > 0" in message
+  assert "batch_size=True must be an int >= 1" in message
+  assert "absent" not in message
+  config = ml_collections.ConfigDict({"seeds": (), "temperatures": (1.0,), "alphas": (0.0, 1.0), "batch_size": 8})
+  with pytest.raises(common.ConfigError, match=r"^invalid config: seeds=\(\) must be a non-empty sequence[^;]*$"):
+    common.check_config(config, rules)
+  config.seeds = (0, 3)
+  common.check_config(config, rules)
+
+
+def test_main_refuses_a_workdir_that_is_a_file(tmp_path):
+  def get_config():
+    return ml_collections.ConfigDict({"quick": False})
+
+  def run(config, workdir):
+    raise AssertionError("run must not start")
+
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(SystemExit, match=f"--workdir {tmp_path / 'file'} is a file, not a directory"):
+    common.main(get_config, run, ["prog", f"--workdir={tmp_path / 'file'}"])
+  with pytest.raises(SystemExit, match=f"cannot create --workdir {tmp_path / 'file' / 'sub'} "):
+    common.main(get_config, run, ["prog", f"--workdir={tmp_path / 'file' / 'sub'}"])
+
+
+def test_main_reports_a_config_error_without_a_traceback(tmp_path):
+  def get_config():
+    return ml_collections.ConfigDict({"quick": False, "seeds": (0, 1)})
+
+  def run(config, workdir):
+    common.check_config(config, {"seeds": common.sequence_of(common.NON_NEGATIVE_INT)})
+    return "trained"
+
+  with pytest.raises(SystemExit, match=r"^prog: invalid config: seeds=\('abc',\) must be a non-empty sequence"):
+    common.main(get_config, run, ["prog", f"--workdir={tmp_path}", "--config.seeds=abc"])
+  assert common.main(get_config, run, ["prog", f"--workdir={tmp_path}", "--config.seeds=(4,)"]) == "trained"
+
+
+# ---------------------------------------------------------------- sub-runs: reuse only what the same inputs made
+
+
+def tiny_set(num_examples: int = 64, *, seed: int = 0, split: str = "train"):
+  from jaxkd.datasets import ArrayDataset
+
+  rng = np.random.default_rng(seed)
+  images = rng.integers(0, 256, size=(num_examples, 6, 6, 1), dtype=np.uint8)
+  return ArrayDataset(images, np.arange(num_examples) % 4, num_classes=4, name="tiny", split=split)
+
+
+TRAIN, TEST = tiny_set(), tiny_set(32, seed=1, split="test")
+
+
+def subrun(workdir, name="student", **overrides):
+  kwargs = dict(
+    model=MLP(hidden_sizes=(8,), num_classes=4),
+    train_set=TRAIN,
+    eval_sets={"test": TEST},
+    num_epochs=1.0,
+    batch_size=16,
+    learning_rate=1e-3,
+    seed=0,
+    mean=0.5,
+    std=0.25,
+    placement="single",
+    config=ml_collections.ConfigDict({"student_lr": 1e-3}),
+  )
+  return common.train_subrun(workdir, name, **(kwargs | overrides))
+
+
+def test_a_subrun_is_reused_for_the_same_inputs_and_rerun_for_others(tmp_path, capsys):
+  # The report of issue 13: a narrower student reused the wider one's result (its accuracy beside its own name).
+  wide = subrun(tmp_path)
+  log = (tmp_path / "student" / "metrics.jsonl").read_text()
+  assert subrun(tmp_path, model=MLP(hidden_sizes=(8,), num_classes=4)) == wide  # an equal model: reused
+  assert (tmp_path / "student" / "metrics.jsonl").read_text() == log  # not trained again
+  assert "moved it" not in capsys.readouterr().out
+  recorded = common.read_json(tmp_path / "student" / "inputs.json")
+  assert recorded["fingerprint"] == wide["fingerprint"] and len(wide["fingerprint"]) == 32
+  narrow = subrun(tmp_path, model=MLP(hidden_sizes=(3,), num_classes=4))
+  out = capsys.readouterr().out
+  assert f"student: finished with other inputs; moved it to {tmp_path / 'student.stale-1'}" in out
+  assert "changed model.hidden_sizes: tuple[8] -> tuple[3]" in out
+  assert narrow["params"] == 6 * 6 * 3 + 3 + 3 * 4 + 4 != wide["params"]
+  assert common.read_json(tmp_path / "student.stale-1" / "result.json") == wide  # kept aside, not mixed in
+  assert subrun(tmp_path, model=MLP(hidden_sizes=(3,), num_classes=4)) == narrow  # the new one is reused
+  assert "moved it" not in capsys.readouterr().out
+
+
+def test_old_and_unfinished_subruns_of_other_inputs_are_set_aside(tmp_path, capsys):
+  (tmp_path / "student").mkdir()
+  common.write_json(tmp_path / "student" / "result.json", {"test_accuracy": 0.99, "params": 39760})
+  result = subrun(tmp_path)
+  assert "student: finished before sub-runs recorded their inputs" in capsys.readouterr().out
+  assert result["params"] != 39760 and "fingerprint" in result
+  assert common.read_json(tmp_path / "student.stale-1" / "result.json")["params"] == 39760
+  # Unfinished with the same inputs: resumed in place (here at its last step), nothing set aside.
+  (tmp_path / "student" / "result.json").unlink()
+  resumed = subrun(tmp_path)
+  assert {k: v for k, v in resumed.items() if k != "train_seconds"} == {
+    k: v for k, v in result.items() if k != "train_seconds"
+  }
+  assert "moved it" not in capsys.readouterr().out
+  # Unfinished with other inputs: set aside, under the next free number.
+  (tmp_path / "student" / "result.json").unlink()
+  recorded = common.read_json(tmp_path / "student" / "inputs.json")
+  recorded["inputs"]["seed"], recorded["fingerprint"] = 7, "0" * 32
+  common.write_json(tmp_path / "student" / "inputs.json", recorded)
+  subrun(tmp_path)
+  out = capsys.readouterr().out
+  assert f"student: an unfinished run of other inputs; moved it to {tmp_path / 'student.stale-2'}" in out
+  assert "changed seed: 7 -> 0" in out
+  assert (tmp_path / "student.stale-2" / "checkpoints").is_dir()
+
+
+def inputs(**overrides):
+  kwargs = dict(
+    model=MLP(hidden_sizes=(8,), num_classes=4),
+    train_set=TRAIN,
+    eval_sets={"test": TEST},
+    num_epochs=1.0,
+    batch_size=16,
+    learning_rate=1e-3,
+    seed=0,
+    mean=0.5,
+    std=0.25,
+    config=ml_collections.ConfigDict({"student_lr": 1e-3}),
+  )
+  return common.subrun_inputs(**(kwargs | overrides))
+
+
+def test_subrun_inputs_see_every_input_that_changes_a_run():
+  teacher = MLP(hidden_sizes=(5,), num_classes=4)
+  variables = jax.tree.map(np.asarray, teacher.init(jax.random.key(0), np.zeros((1, 6, 6, 1), np.float32)))
+  logits = np.random.default_rng(0).normal(size=(len(TRAIN), 4)).astype(np.float32)
+  online = {"teacher_apply_fn": teacher.apply, "teacher_variables": variables, "temperature": 2.0}
+  offline = {"teacher_logits": logits, "temperature": 2.0, "alpha": 0.9}
+  changes = {  # (the run, the same run changed) -> the key that tells them apart
+    "model.hidden_sizes": ({}, {"model": MLP(hidden_sizes=(3,), num_classes=4)}),
+    "learning_rate": ({}, {"learning_rate": 3e-3}),
+    "seed": ({}, {"seed": 1}),
+    "num_epochs": ({}, {"num_epochs": 2.0}),
+    "batch_size": ({}, {"batch_size": 8}),
+    "mean": ({}, {"mean": 0.4}),
+    "max_translation": ({}, {"max_translation": 2}),
+    "train_set": ({}, {"train_set": tiny_set(seed=5)}),
+    "eval_sets": ({}, {"eval_sets": {"test": tiny_set(16, seed=1, split="test")}}),
+    "config": ({}, {"config": ml_collections.ConfigDict({"student_lr": 2e-3})}),
+    "teacher_logits_sha256": (offline, offline | {"teacher_logits": logits + 1.0}),
+    "temperature": (offline, offline | {"temperature": 4.0}),
+    "alpha": (offline, offline | {"alpha": 0.5}),
+    "teacher_checkpoint": (
+      offline | {"meta": {"teacher": {"fingerprint": "a"}}},
+      offline | {"meta": {"teacher": {"fingerprint": "b"}}},
+    ),
+    "teacher": (online, online | {"teacher_variables": jax.tree.map(lambda x: x + 1.0, variables)}),
+    "method": ({}, {"method": jaxkd.Objective([jaxkd.methods.cross_entropy(weight=0.5)])}),
+  }
+  for key, (before, after) in changes.items():
+    old, new = inputs(**before), inputs(**after)
+    differing = {k for k in old if old[k] != new[k]}
+    assert differing == {key.split(".")[0]}, (key, differing)
+  # Equal inputs, made anew: equal descriptions; temperature and alpha do not count without a teacher.
+  assert inputs() == inputs(model=MLP(hidden_sizes=(8,), num_classes=4), temperature=3.0, alpha=0.1)
+  assert json.loads(json.dumps(inputs(**online))) == inputs(**online)  # what the file holds is what is compared
