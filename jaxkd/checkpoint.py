@@ -1,6 +1,6 @@
 """Checkpoints with orbax: resume exactly, load teachers and students' variables.
 
-A checkpoint step directory holds five orbax items:
+A checkpoint step directory holds six orbax items:
 
 - ``model``: ``{'params', 'batch_stats'}``, all that inference or a teacher needs;
 - ``train``: ``{'opt_state', 'step', 'rng', 'adapters', 'term_state'}``, the rest of the student's
@@ -8,21 +8,30 @@ A checkpoint step directory holds five orbax items:
 - ``data``: the input iterator's position (JSON), so a resumed run sees the
   same batches an uninterrupted one would;
 - ``config``: the run's resolved config (JSON);
-- ``meta``: provenance (JSON): e.g. which teacher checkpoint the student learned from.
+- ``meta``: provenance (JSON): e.g. which teacher checkpoint the student learned from;
+- ``integrity``: SHA-256 digests of the ``model`` and ``train`` arrays (JSON), checked on every read.
 
 Splitting ``model`` from ``train`` lets a teacher or an exported student be read
 without its optimizer state. Saves are asynchronous (orbax writes in the background
 while training goes on); orbax writes each step into a temporary directory and
 renames it when complete, so a save killed half-way is never taken for a checkpoint.
+
+Orbax (0.12.8) checks the CRC-32C of its OCDBT b-tree nodes, which hold small arrays inline, but not of the
+data files that hold larger arrays: flipped bytes there restore silently. Hence the ``integrity`` item. A
+checkpoint that cannot be read or fails that check is skipped for the previous one, and
+:meth:`Checkpointer.restore` moves it aside into ``damaged/`` so that the retrained step can be saved again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import itertools
+import json
 import logging
 import os
 import pathlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -32,11 +41,14 @@ import orbax.checkpoint as ocp
 from jaxkd.utils import tree_fingerprint
 
 __all__ = [
+  "CheckpointDirectoryError",
+  "CheckpointIntegrityError",
   "Checkpointer",
   "CheckpointMismatchError",
   "Restored",
   "fingerprint",
   "load_variables",
+  "stored_json",
 ]
 
 log = logging.getLogger(__name__)
@@ -46,6 +58,19 @@ PyTree = Any
 
 class CheckpointMismatchError(ValueError):
   """A checkpoint's arrays do not match the model/state they are restored into."""
+
+
+class CheckpointIntegrityError(ValueError):
+  """A checkpoint's arrays differ from the SHA-256 recorded when it was saved: its files changed on disk."""
+
+
+class CheckpointDirectoryError(OSError):
+  """The checkpoint directory cannot be created or written."""
+
+
+# Where Checkpointer.restore moves checkpoints it could not read; orbax only takes names that are numbers as steps.
+DAMAGED_DIR = "damaged"
+_INTEGRITY_VERSION = 1
 
 
 @dataclasses.dataclass
@@ -126,8 +151,64 @@ def _shape_mismatches(saved: PyTree, template: PyTree, item: str) -> str | None:
 def _item_handlers() -> dict[str, ocp.CheckpointHandler]:
   # Naming the handlers lets a fresh process read item metadata before any save or restore.
   handlers = {"model": ocp.StandardCheckpointHandler(), "train": ocp.StandardCheckpointHandler()}
-  handlers.update({name: ocp.JsonCheckpointHandler() for name in ("data", "config", "meta")})
+  handlers.update({name: ocp.JsonCheckpointHandler() for name in ("data", "config", "meta", "integrity")})
   return handlers
+
+
+def _integrity_digest(tree: PyTree) -> str:
+  """SHA-256 of a tree's leaves keyed by their path names.
+
+  Keyed by names rather than the tree's structure because orbax gives NamedTuples (optax states) back as dicts
+  when read without a template, and drops empty containers; the digest of what was saved and of what was read
+  must agree whenever the arrays do.
+  """
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return tree_fingerprint({_path_name(path): np.asarray(leaf) for path, leaf in leaves})
+
+
+def _check_integrity(step_dir: pathlib.Path, items: Mapping[str, PyTree], recorded: Any) -> None:
+  """Raises :class:`CheckpointIntegrityError` naming the first item whose digest is not the recorded one."""
+  if not recorded:
+    log.debug("%s has no integrity record (saved before jaxkd recorded one): its arrays are not verified", step_dir)
+    return
+  if recorded.get("version") != _INTEGRITY_VERSION:
+    log.warning("%s has an integrity record of unknown version %r: not verified", step_dir, recorded.get("version"))
+    return
+  for name, tree in items.items():
+    actual = _integrity_digest(tree)
+    if recorded.get(name) is not None and actual != recorded[name]:
+      raise CheckpointIntegrityError(
+        f"checkpoint {step_dir}: the arrays of its {name!r} item do not match the SHA-256 recorded when it was saved "
+        f"(recorded {recorded[name][:16]}..., read {actual[:16]}...); its files were changed or damaged on disk."
+      )
+
+
+def _check_writable(directory: pathlib.Path) -> None:
+  """Creates ``directory`` and writes a probe file in it, so that a directory orbax cannot write fails now.
+
+  Without this an unwritable directory surfaces at the first background save and then stalls orbax's cleanup
+  for minutes before a TimeoutError that does not name the cause.
+  """
+  probe = directory / f".jaxkd-write-probe-{jax.process_index()}-{os.getpid()}"
+  try:
+    directory.mkdir(parents=True, exist_ok=True)
+    probe.write_bytes(b"probe")
+    probe.unlink()
+  except OSError as error:
+    raise CheckpointDirectoryError(
+      f"cannot write checkpoints to {directory} ({type(error).__name__}: {error}). Make that directory (and its "
+      "parents) writable by this user, or pass a workdir on a writable filesystem; to only read a checkpoint's "
+      "variables use jaxkd.checkpoint.load_variables, which writes nothing."
+    ) from error
+
+
+_barrier_ids = itertools.count()
+
+
+def _sync_processes(what: str) -> None:
+  """A barrier over all processes (a no-op with one); orbax needs a fresh name for each."""
+  if jax.process_count() > 1:
+    ocp.multihost.sync_global_processes(f"jaxkd_{what}_{next(_barrier_ids)}")
 
 
 class Checkpointer:
@@ -140,9 +221,12 @@ class Checkpointer:
       it is kept as well, whatever its age. None keeps only the last K.
     best_mode: ``'max'`` or ``'min'``.
     async_save: write in a background thread while training continues.
+
+  Raises:
+    CheckpointDirectoryError: naming ``directory`` when it cannot be created or written.
   """
 
-  ITEMS = ("model", "train", "data", "config", "meta")
+  ITEMS = ("model", "train", "data", "config", "meta", "integrity")
 
   def __init__(
     self,
@@ -158,6 +242,7 @@ class Checkpointer:
     if max_to_keep < 1:
       raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}.")
     self.directory = pathlib.Path(directory).expanduser().absolute()
+    _check_writable(self.directory)
     self.best_metric = best_metric
     self.best_mode = best_mode
     policies = [ocp.checkpoint_managers.LatestN(n=max_to_keep)]
@@ -223,18 +308,27 @@ class Checkpointer:
     """Saves an (unreplicated) :class:`jaxkd.TrainState` at ``state.step``; returns whether it saved.
 
     The host copy is taken before returning, so the caller may donate ``state``
-    to the next step at once; the write itself runs in the background.
+    to the next step at once; the write itself runs in the background. The
+    SHA-256 of the ``model`` and ``train`` arrays is computed here, on the host
+    copy (about a second per GB of state).
     """
     step = int(jax.device_get(state.step))
     if step in self._manager.all_steps():
       return False
     model, train = _split_state(state)
+    integrity = {
+      "version": _INTEGRITY_VERSION,
+      "algorithm": "sha256",
+      "model": _integrity_digest(model),
+      "train": _integrity_digest(train),
+    }
     args = ocp.args.Composite(
       model=ocp.args.StandardSave(model),
       train=ocp.args.StandardSave(train),
       data=ocp.args.JsonSave(data_state if data_state is not None else {}),
       config=ocp.args.JsonSave(_jsonable(config) if config is not None else {}),
       meta=ocp.args.JsonSave(_jsonable(meta) if meta is not None else {}),
+      integrity=ocp.args.JsonSave(integrity),
     )
     clean_metrics = {k: float(v) for k, v in (metrics or {}).items()}
     if self.best_metric is not None and self.best_metric not in clean_metrics:
@@ -269,53 +363,101 @@ class Checkpointer:
     """Restores the latest complete checkpoint (or ``step``) into the structure of ``state_template``.
 
     Returns None when the directory has no checkpoint. A checkpoint that fails
-    to read (e.g. files damaged after it was finalised) is skipped for the
-    previous one, with a warning; a checkpoint whose shapes differ from
+    to read (e.g. files damaged after it was finalised) or whose arrays fail the
+    integrity check is skipped for the previous one, with a warning; once an
+    older one is read, the skipped ones are moved into ``damaged/`` so that the
+    retrained steps can be saved again. A checkpoint whose shapes differ from
     ``state_template`` raises :class:`CheckpointMismatchError` instead, since
     falling back would silently train a different model.
+
+    Raises:
+      CheckpointMismatchError: the checkpoint holds another model.
+      CheckpointIntegrityError: ``step``, or every checkpoint, failed the integrity check (nothing is moved).
+      RuntimeError: ``step``, or every checkpoint, could not be read (nothing is moved).
     """
     for name in self.incomplete_steps():
       log.warning("ignoring incomplete checkpoint %s (a save was interrupted)", self.directory / name)
     steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
-    errors = []
+    failures: list[tuple[int, str, Exception]] = []
     for candidate in steps:
       try:
         metadata = self._manager.item_metadata(candidate)
         if metadata["model"] is None or metadata["train"] is None:
           raise FileNotFoundError("its model or train item is missing")
       except Exception as error:  # noqa: BLE001 - unreadable metadata: treat like an unreadable checkpoint
-        metadata = error
-      if not isinstance(metadata, Exception):
+        failure = error
+      else:
         # Outside the try: a model mismatch must stop the run, not fall back to an older checkpoint.
         self.check_compatible(state_template, candidate, metadata)
-      try:
-        if isinstance(metadata, Exception):
-          raise metadata
-        return self._restore_step(state_template, candidate)
-      except Exception as error:  # noqa: BLE001 - any read failure means: try the previous checkpoint
-        message = f"checkpoint step {candidate} in {self.directory} could not be read ({type(error).__name__}: {error})"
-        if step is not None:
-          raise RuntimeError(message) from error
-        log.warning("%s; falling back to the previous checkpoint", message)
-        print(f"jaxkd: {message}; falling back to the previous checkpoint", flush=True)
-        errors.append(message)
-    if errors:
-      raise RuntimeError("no checkpoint could be read: " + "; ".join(errors))
+        try:
+          restored = self._restore_step(state_template, candidate, metadata)
+        except Exception as error:  # noqa: BLE001 - any read failure means: try the previous checkpoint
+          failure = error
+        else:
+          self._set_aside([failed for failed, _, _ in failures])
+          return restored
+      message = (
+        f"checkpoint step {candidate} in {self.directory} could not be read ({type(failure).__name__}: {failure})"
+      )
+      if step is not None:
+        raise _read_error(failure)(message) from failure
+      log.warning("%s; falling back to the previous checkpoint", message)
+      print(f"jaxkd: {message}; falling back to the previous checkpoint", flush=True)
+      failures.append((candidate, message, failure))
+    if failures:
+      # Nothing is moved: when every checkpoint fails the cause is more likely the reader (a version, a
+      # filesystem) than the files, and moving them all would make the next run start from scratch.
+      error_type = _read_error(*(failure for _, _, failure in failures))
+      raise error_type(
+        "no checkpoint could be read: " + "; ".join(message for _, message, _ in failures) + ". "
+        f"If the files are damaged, move the step directories out of {self.directory} (or use a new workdir) to "
+        "start afresh; otherwise fix the cause above and rerun."
+      ) from failures[0][2]
     return None
 
-  def _restore_step(self, state_template: Any, step: int) -> Restored:
+  def _set_aside(self, steps: list[int]) -> None:
+    """Moves the step directories of ``steps`` into ``damaged/``: orbax no longer sees them, so saves of those
+    steps succeed, and their files stay there for inspection."""
+    if not steps:
+      return
+    _sync_processes("set_aside_begin")  # every process is done reading them
+    error = None
+    if jax.process_index() == 0:
+      stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S.%f")
+      for step in steps:
+        source, target = self.directory / str(step), self.directory / DAMAGED_DIR / f"{step}-{stamp}"
+        try:
+          target.parent.mkdir(exist_ok=True)
+          source.rename(target)
+        except OSError as cause:
+          error = CheckpointDirectoryError(
+            f"checkpoint {source} could not be read and could not be moved aside to {target} ({cause}); as long "
+            "as it stays, the retrained step cannot be saved. Move or delete it by hand, then rerun."
+          )
+          break
+        log.warning("moved the unreadable checkpoint %s aside to %s; that step will be saved again", source, target)
+        print(f"jaxkd: moved the unreadable checkpoint {source} aside to {target}", flush=True)
+    _sync_processes("set_aside_end")  # raised after the barrier, so that the other processes do not wait on it
+    if error is not None:
+      raise error
+    self._manager.reload()
+
+  def _restore_step(self, state_template: Any, step: int, metadata: Any) -> Restored:
     model_template, train_template = _split_state(state_template)
-    restored = self._manager.restore(
-      step,
-      args=ocp.args.Composite(
-        model=ocp.args.StandardRestore(model_template),
-        train=ocp.args.StandardRestore(train_template),
-        data=ocp.args.JsonRestore(),
-        config=ocp.args.JsonRestore(),
-        meta=ocp.args.JsonRestore(),
-      ),
-    )
+    step_dir = self.directory / str(step)
+    items = {
+      "model": ocp.args.StandardRestore(_as_saved(model_template, metadata["model"])),
+      "train": ocp.args.StandardRestore(_as_saved(train_template, metadata["train"])),
+      "data": ocp.args.JsonRestore(),
+      "config": ocp.args.JsonRestore(),
+      "meta": ocp.args.JsonRestore(),
+    }
+    if (step_dir / "integrity").is_dir():  # older checkpoints lack it, and orbax refuses a missing item
+      items["integrity"] = ocp.args.JsonRestore()
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     model, train = restored["model"], restored["train"]
+    _check_integrity(step_dir, {"model": model, "train": train}, restored.get("integrity"))
+    model, train = _cast_like(model, model_template), _cast_like(train, train_template)
     rng = train["rng"]
     if jax.dtypes.issubdtype(state_template.rng.dtype, jax.dtypes.prng_key):
       rng = jax.random.wrap_key_data(rng, impl=jax.random.key_impl(state_template.rng))
@@ -333,6 +475,40 @@ class Checkpointer:
     )
 
 
+def _as_saved(template: PyTree, saved: Any) -> PyTree:
+  """``template`` with each array in the dtype the checkpoint holds it in.
+
+  The integrity digest is of the arrays as saved, so they are read as saved and cast to the template's dtypes
+  (as orbax would have) only after the check; a model now in bfloat16 is not a damaged checkpoint.
+  """
+  return _with_dtypes(template, _dtypes(getattr(saved, "tree", saved)), lambda x, dtype: np.empty(x.shape, dtype))
+
+
+def _cast_like(restored: PyTree, template: PyTree) -> PyTree:
+  return _with_dtypes(restored, _dtypes(template), lambda x, dtype: np.asarray(x).astype(dtype))
+
+
+def _dtypes(tree: PyTree) -> dict[str, Any]:
+  """Each array's dtype by its path name (arrays, or orbax's metadata of them)."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "dtype"))[0]
+  return {_path_name(path): leaf.dtype for path, leaf in leaves}
+
+
+def _with_dtypes(tree: PyTree, dtypes: Mapping[str, Any], convert: Callable[[Any, Any], Any]) -> PyTree:
+  def leaf(path: tuple, x: Any) -> Any:
+    dtype = dtypes.get(_path_name(path), x.dtype)
+    return x if x.dtype == dtype else convert(x, dtype)
+
+  return jax.tree_util.tree_map_with_path(leaf, tree)
+
+
+def _read_error(*failures: Exception) -> type[Exception]:
+  """CheckpointIntegrityError when every failure was one (a caller may catch it as a ValueError), else RuntimeError."""
+  if failures and all(isinstance(failure, CheckpointIntegrityError) for failure in failures):
+    return CheckpointIntegrityError
+  return RuntimeError
+
+
 def _jsonable(value: Any) -> Any:
   if hasattr(value, "to_dict"):  # ml_collections.ConfigDict
     value = value.to_dict()
@@ -347,20 +523,53 @@ def _jsonable(value: Any) -> Any:
   return repr(value)
 
 
+def stored_json(value: Any) -> Any:
+  """``value`` (a dict, an ``ml_collections.ConfigDict``, ...) as a checkpoint's ``config`` or ``meta`` item gives it
+  back: JSON (tuples as lists, keys as strings, other objects as their ``repr``)."""
+  return json.loads(json.dumps(_jsonable(value)))
+
+
+def _latest_first(manager: ocp.CheckpointManager, path: pathlib.Path, step: int | None) -> list[int]:
+  """The steps :func:`load_variables` may read, in order; raises FileNotFoundError when there is none."""
+  found = sorted(manager.all_steps(), reverse=True)
+  if (step is None and found) or step in found:
+    return found if step is None else [step]
+  raise FileNotFoundError(
+    f"no complete checkpoint{'' if step is None else f' for step {step}'} in {path} (steps found: {found[::-1]})"
+  )
+
+
+def _read_model(manager: ocp.CheckpointManager, path: pathlib.Path, step: int) -> dict:
+  """The ``model`` item of ``step``, checked against its integrity record when it has one."""
+  step_dir = path / str(step)
+  items = {"model": ocp.args.StandardRestore()}
+  if (step_dir / "integrity").is_dir():  # absent from checkpoints saved before jaxkd recorded digests
+    items["integrity"] = ocp.args.JsonRestore()
+  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  _check_integrity(step_dir, {"model": restored["model"]}, restored.get("integrity"))
+  return restored["model"]
+
+
 def load_variables(path: os.PathLike | str, *, step: int | None = None) -> tuple[dict, dict]:
   """Reads only ``{'params', 'batch_stats'}`` of a jaxkd checkpoint (a teacher, or a student for inference).
 
+  Reading the latest step, a step that cannot be read or fails its integrity
+  check is skipped for the previous one, with a warning (nothing on disk is
+  changed: a fit in that workdir moves damaged steps aside and saves them again).
+
   Args:
-    path: a run's checkpoint directory (the latest step is taken) or one step's
-      directory (``.../checkpoints/1200``).
+    path: a run's checkpoint directory (the latest readable step is taken) or
+      one step's directory (``.../checkpoints/1200``).
     step: a step to read from a checkpoint directory.
 
   Returns:
-    ``(variables, info)`` where ``info`` has ``path``, ``step`` and
-    ``fingerprint`` (of the variables), to record provenance.
+    ``(variables, info)`` where ``info`` has ``path``, ``step`` (the step read)
+    and ``fingerprint`` (of the variables), to record provenance.
 
   Raises:
     FileNotFoundError: naming the path when it holds no complete checkpoint.
+    CheckpointIntegrityError: the step asked for, or every step, failed its integrity check.
+    RuntimeError: the step asked for, or every step, could not be read.
   """
   path = pathlib.Path(path).expanduser().absolute()
   if step is None and path.name.isdigit() and (path / "model").is_dir():
@@ -370,15 +579,26 @@ def load_variables(path: os.PathLike | str, *, step: int | None = None) -> tuple
   manager = ocp.CheckpointManager(
     path, item_names=Checkpointer.ITEMS, options=ocp.CheckpointManagerOptions(read_only=True)
   )
+  failures: list[Exception] = []
   try:
-    step = manager.latest_step() if step is None else step
-    if step is None or step not in manager.all_steps():
-      found = list(manager.all_steps())
-      raise FileNotFoundError(
-        f"no complete checkpoint{'' if step is None else f' for step {step}'} in {path} (steps found: {found})"
-      )
-    model = manager.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore()))["model"]
+    for candidate in _latest_first(manager, path, step):
+      try:
+        model = _read_model(manager, path, candidate)
+        break
+      except Exception as error:  # noqa: BLE001 - any read failure means: try the previous checkpoint
+        message = f"checkpoint {path / str(candidate)} could not be read ({type(error).__name__}: {error})"
+        if step is not None:
+          raise _read_error(error)(
+            f"{message}. Read another step, or rerun the training in that workdir to save this step again."
+          ) from error
+        log.warning("%s; reading the previous checkpoint instead", message)
+        failures.append(error)
+    else:
+      raise _read_error(*failures)(
+        f"no checkpoint in {path} could be read ({'; '.join(f'{type(e).__name__}: {e}' for e in failures)}). "
+        "Rerun the training in that workdir (it moves damaged steps aside and saves again), or use another one."
+      ) from failures[0]
   finally:
     manager.close()
   variables = {"params": model["params"], "batch_stats": model.get("batch_stats", {}) or {}}
-  return variables, {"path": str(path), "step": int(step), "fingerprint": fingerprint(variables)}
+  return variables, {"path": str(path), "step": int(candidate), "fingerprint": fingerprint(variables)}

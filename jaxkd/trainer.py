@@ -8,16 +8,22 @@ checkpoints and preemption are hooks (:mod:`jaxkd.hooks`); users add their own w
 
 Resuming is exact: the checkpoint holds the state (params, optimizer state, BatchNorm statistics, step, dropout
 key) and the iterator's position, and the step derives its randomness from ``(rng, step)``, so N steps, a stop,
-and N more end bit-identical to 2N uninterrupted steps.
+and N more end bit-identical to 2N uninterrupted steps. A resume with a config other than the checkpoint's is
+refused (unless ``allow_config_change=True``), and both that and an unwritable checkpoint directory are found
+before the first step.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import pathlib
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
+
+import jax
 
 from jaxkd import checkpoint as ckpt
 from jaxkd import data as data_lib
@@ -27,6 +33,8 @@ from jaxkd.metrics import MetricsWriter
 from jaxkd.state import TrainState
 
 __all__ = ["fit", "FitResult", "NonFiniteLossError"]
+
+log = logging.getLogger(__name__)
 
 
 class StatefulIterator(Protocol):
@@ -74,6 +82,7 @@ def fit(
   eval_every: int = 0,
   log_every: int = 100,
   config: Any = None,
+  allow_config_change: bool = False,
   meta: Mapping[str, Any] | None = None,
   max_consecutive_nonfinite: int = 20,
   progress: bool | str = True,
@@ -103,7 +112,10 @@ def fit(
       with the prefix ``eval_``.
     eval_every: 0 evaluates only at the end.
     log_every: steps between metric fetches (the only host syncs of the loop); 0 logs only at the end.
-    config: the resolved run config, stored with each checkpoint.
+    config: the resolved run config, stored with each checkpoint. A resume compares it (as JSON) with the
+      checkpoint's and refuses to go on with another one; None skips the comparison.
+    allow_config_change: resume even when ``config`` differs from the checkpoint's (with a warning naming the
+      keys); later checkpoints store the new config.
     meta: provenance stored with each checkpoint (e.g. the teacher's path, step, fingerprint).
     max_consecutive_nonfinite: raise :class:`NonFiniteLossError` after this many skipped (non-finite) steps in a
       row, counted at logging time (after saving the last good state). A ``train_step`` built with
@@ -122,7 +134,10 @@ def fit(
 
   Raises:
     ValueError: with ``steps_per_call = N``, ``num_steps``, ``checkpoint_every``, ``log_every``, ``eval_every``,
-      a hook's period or the restored step is not a multiple of N; or ``train_data`` ran out before ``num_steps``.
+      a hook's period or the restored step is not a multiple of N; ``train_data`` ran out before ``num_steps``;
+      or ``config`` differs from the checkpoint's and ``allow_config_change`` is False (before any step).
+    jaxkd.checkpoint.CheckpointDirectoryError: ``workdir/checkpoints`` cannot be created or written (before any
+      step).
   """
   if getattr(train_step, "placement", None) is None:
     raise TypeError("train_step must come from jaxkd.make_train_step (fit places the state with its .placement).")
@@ -138,8 +153,11 @@ def fit(
       workdir / "checkpoints", max_to_keep=max_to_keep, best_metric=best_metric, best_mode=best_mode
     )
   try:
-    state, resumed_from = _restore(checkpointer, state, train_data)
-    writer = MetricsWriter(workdir, tensorboard=tensorboard, resumed_from=resumed_from) if workdir else None
+    state, resumed_from = _restore(checkpointer, state, train_data, config, allow_config_change)
+    # Records past the step this run starts from are stale (a run killed after them, before or after a checkpoint):
+    # the writer drops them, so metrics.jsonl never holds a step twice.
+    start = resumed_from if resumed_from is not None else int(jax.device_get(state.step))
+    writer = MetricsWriter(workdir, tensorboard=tensorboard, resumed_from=start) if workdir else None
     loop = _make_loop(train_step, state, teacher_variables, train_data, num_steps, checkpointer, writer)
     all_hooks = [
       hooks_lib.PreemptionHook(stop_after),
@@ -218,17 +236,71 @@ def _run(loop: Loop, train_step: Callable, hooks: Sequence[Hook]) -> None:
       hook.close()
 
 
-def _restore(checkpointer: ckpt.Checkpointer | None, state: TrainState, train_data: Any) -> tuple[TrainState, Any]:
+def _restore(
+  checkpointer: ckpt.Checkpointer | None, state: TrainState, train_data: Any, config: Any, allow_config_change: bool
+) -> tuple[TrainState, Any]:
   """The latest checkpoint's state (or ``state``) and its step (or None); repositions ``train_data``."""
   if checkpointer is None:
     return state, None
   restored = checkpointer.restore(state)
   if restored is None:
     return state, None
+  _check_config(restored, config, checkpointer.directory / str(restored.step), allow_config_change)
   if restored.data_state and hasattr(train_data, "set_state"):
     train_data.set_state(restored.data_state)
   print(f"jaxkd: resumed from {checkpointer.directory / str(restored.step)} at step {restored.step}", flush=True)
   return restored.state, restored.step
+
+
+class _Absent:
+  def __repr__(self) -> str:
+    return "<absent>"
+
+
+_ABSENT = _Absent()
+
+
+def _check_config(restored: ckpt.Restored, config: Any, where: pathlib.Path, allow_change: bool) -> None:
+  """Refuses to resume a run with another config than its checkpoint's: the rest of the run would silently
+  train under other settings (learning rate, temperature, alpha) than the config on disk says."""
+  if config is None or not restored.config:
+    # Nothing to compare: this call or the checkpoint's run passed no config.
+    return
+  changes: dict[str, tuple[Any, Any]] = {}
+  _config_diff(_stable(restored.config), _stable(ckpt.stored_json(config)), "", changes)
+  if not changes:
+    return
+  listed = "; ".join(f"{key}: {old!r} in the checkpoint, {new!r} now" for key, (old, new) in changes.items())
+  if allow_change:
+    log.warning("resuming %s with a changed config (allow_config_change=True): %s", where, listed)
+    print(f"jaxkd: resuming {where} with a changed config: {listed}", flush=True)
+    return
+  raise ValueError(
+    f"the config differs from the one stored in the checkpoint {where}: {listed}. Use a new workdir for a run "
+    "with other settings, pass the stored config to resume it as it was, or pass allow_config_change=True to "
+    "resume it with the new config."
+  )
+
+
+def _stable(value: Any) -> Any:
+  """``value`` without the memory addresses that ``repr`` of a function or an object holds (they change per run)."""
+  if isinstance(value, str):
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", value)
+  if isinstance(value, Mapping):
+    return {k: _stable(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return [_stable(v) for v in value]
+  return value
+
+
+def _config_diff(old: Any, new: Any, prefix: str, changes: dict[str, tuple[Any, Any]]) -> None:
+  """Adds ``{'dotted.key': (old, new)}`` to ``changes`` for each key where ``old`` and ``new`` differ."""
+  if isinstance(old, Mapping) and isinstance(new, Mapping):
+    for key in sorted(set(old) | set(new)):
+      name = f"{prefix}.{key}" if prefix else str(key)
+      _config_diff(old.get(key, _ABSENT), new.get(key, _ABSENT), name, changes)
+  elif old != new:
+    changes[prefix or "(the whole config)"] = (old, new)
 
 
 def _stacked(train_data: Any, steps_per_call: int) -> Any:

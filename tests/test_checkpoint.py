@@ -1,6 +1,8 @@
 """Orbax checkpoints: round trip, retention, incomplete and damaged checkpoints, mismatch, teachers."""
 
+import os
 import shutil
+import time
 
 import jax
 import jax.numpy as jnp
@@ -126,3 +128,125 @@ def test_load_teacher_variables_only(tmp_path):
     ckpt.load_variables(tmp_path / "teacher", step=3)
   with pytest.raises(FileNotFoundError, match="no checkpoint directory at"):
     ckpt.load_variables(tmp_path / "nowhere")
+
+
+def _random_bits(seed):
+  """A 16-256-10 MLP state with params of random bits at step 7 + seed.
+
+  Zstd stores random bits uncompressed, so bytes flipped in them still decode (to other values), and the
+  kernels (16 and 10 KiB) are too big for orbax's b-tree nodes, which are CRC-checked: they go to data files.
+  """
+  rng = np.random.default_rng(seed)
+  bits = lambda x: rng.integers(0, 2**32, x.shape, dtype=np.uint32).view(np.float32)  # noqa: E731
+  state = small_state(hidden=(256,))
+  return state.replace(params=jax.tree.map(bits, state.params), step=jnp.int32(7 + seed))
+
+
+def _flip_array_bytes(step_dir, count=16):
+  """Flips ``count`` bytes in the middle of the largest data file of the step's ``model`` item (inside a kernel)."""
+  files = [p for p in (step_dir / "model").rglob("*") if p.is_file() and p.parent.name == "d"]
+  path = max(files, key=lambda p: p.stat().st_size)
+  data = bytearray(path.read_bytes())
+  middle = len(data) // 2
+  for i in range(middle, middle + count):
+    data[i] ^= 0xFF
+  path.write_bytes(bytes(data))
+
+
+def test_flipped_bytes_in_array_data_are_caught(tmp_path, capsys):
+  manager = ckpt.Checkpointer(tmp_path, async_save=False)
+  good = _random_bits(0)  # step 7
+  manager.save(good)
+  manager.save(_random_bits(1))  # step 8
+  manager.close()
+  _flip_array_bytes(tmp_path / "8")
+
+  # load_variables reads no corrupted value: it warns and reads step 7; asked for step 8 it raises.
+  variables, info = ckpt.load_variables(tmp_path)
+  assert info["step"] == 7
+  assert_trees_equal(variables["params"], good.params)
+  with pytest.raises(ckpt.CheckpointIntegrityError, match=r"8.*'model' item do not match the SHA-256"):
+    ckpt.load_variables(tmp_path, step=8)
+
+  template = small_state(hidden=(256,))
+  restored = ckpt.Checkpointer(tmp_path).restore(template)
+  assert restored.step == 7
+  assert_trees_equal(restored.state.params, good.params)
+  out = capsys.readouterr().out
+  assert "CheckpointIntegrityError" in out and "falling back to the previous checkpoint" in out
+  # The damaged step was moved aside, so a save of step 8 is written again.
+  assert [p.name.split("-")[0] for p in (tmp_path / ckpt.DAMAGED_DIR).iterdir()] == ["8"]
+  manager = ckpt.Checkpointer(tmp_path, async_save=False)
+  assert manager.all_steps() == [7]
+  assert manager.save(restored.state.replace(step=jnp.int32(8)))
+  assert_trees_equal(manager.restore(template).state.params, good.params)
+
+
+def test_no_intact_checkpoint_raises_integrity_error(tmp_path):
+  manager = ckpt.Checkpointer(tmp_path, async_save=False)
+  manager.save(_random_bits(0))
+  _flip_array_bytes(tmp_path / "7")
+  with pytest.raises(ckpt.CheckpointIntegrityError, match=r"no checkpoint could be read.*move the step directories"):
+    manager.restore(small_state(hidden=(256,)))
+  assert issubclass(ckpt.CheckpointIntegrityError, ValueError)
+  # Nothing is moved when no checkpoint can be read: the cause may be the reader, not the files.
+  assert manager.all_steps() == [7] and not (tmp_path / ckpt.DAMAGED_DIR).exists()
+  with pytest.raises(ckpt.CheckpointIntegrityError, match="no checkpoint in .* could be read"):
+    ckpt.load_variables(tmp_path)
+
+
+def test_model_in_another_dtype_restores_cast_after_the_check(tmp_path):
+  # The digest is of the float32 arrays on disk; a bfloat16 model reads them cast, not as a damaged checkpoint.
+  state = perturbed(small_state(), 0.3)
+  manager = ckpt.Checkpointer(tmp_path, async_save=False)
+  manager.save(state)
+  template = small_state()
+  template = template.replace(params=jax.tree.map(lambda x: x.astype(jnp.bfloat16), template.params))
+  restored = manager.restore(template)
+  assert restored.step == 7 and manager.all_steps() == [7]
+  for x, y in zip(jax.tree.leaves(restored.state.params), jax.tree.leaves(state.params), strict=True):
+    assert x.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y).astype(jnp.bfloat16))
+
+
+def test_checkpoint_without_integrity_record_still_restores(tmp_path, caplog):
+  state = perturbed(small_state(), 1.0)
+  manager = ckpt.Checkpointer(tmp_path, async_save=False)
+  manager.save(state)
+  manager.close()
+  # What a checkpoint saved before jaxkd recorded digests looks like.
+  shutil.rmtree(tmp_path / "7" / "integrity")
+  with caplog.at_level("DEBUG", logger="jaxkd.checkpoint"):
+    restored = ckpt.Checkpointer(tmp_path).restore(small_state())
+    variables, _ = ckpt.load_variables(tmp_path)
+  assert restored.step == 7
+  assert_trees_equal(restored.state.params, state.params)
+  assert_trees_equal(variables["params"], state.params)
+  assert "no integrity record" in caplog.text
+
+
+def _unwritable(tmp_path, how):
+  """A checkpoint path this process cannot create: under a read-only directory, or under a file."""
+  if how == "read_only":
+    if os.geteuid() == 0:
+      pytest.skip("root writes into read-only directories; the 'under_a_file' case covers root")
+    parent = tmp_path / "read_only"
+    parent.mkdir()
+    parent.chmod(0o500)
+    return parent / "run"
+  (tmp_path / "a_file").write_text("not a directory")
+  return tmp_path / "a_file" / "run"
+
+
+@pytest.mark.parametrize("how", ["read_only", "under_a_file"])
+def test_unwritable_directory_fails_at_once_naming_it(tmp_path, how):
+  path = _unwritable(tmp_path, how) / "checkpoints"
+  try:
+    start = time.monotonic()
+    with pytest.raises(ckpt.CheckpointDirectoryError, match=f"cannot write checkpoints to {path}") as info:
+      ckpt.Checkpointer(path)
+    assert time.monotonic() - start < 30  # orbax's own failure came after a 300 s timeout
+    assert isinstance(info.value, OSError) and "writable" in str(info.value)
+  finally:
+    if how == "read_only":
+      (tmp_path / "read_only").chmod(0o700)  # so that pytest can remove it

@@ -353,3 +353,91 @@ def test_prefetched_data_resumes_exactly(tmp_path, steps_per_call):
   assert second.resumed_from == 4 and second.step == 8
   for a, b in zip(trained(full.state), trained(second.state), strict=True):
     np.testing.assert_array_equal(a, b)
+
+
+def test_damaged_latest_checkpoint_is_retrained_and_saved_again(tmp_path, capsys):
+  first = _fit_worker.make_run(tmp_path, 20)  # saves steps 7, 14, 20 and keeps the last two
+  checkpoints = tmp_path / "checkpoints"
+  # Damage the final checkpoint's arrays after it was finalised (disk errors, a partial copy).
+  for path in (checkpoints / "20" / "model").rglob("*"):
+    if path.is_file() and path.parent.name == "d":
+      path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+  with pytest.raises(RuntimeError, match="could not be read"):
+    ckpt.load_variables(checkpoints, step=20)
+  capsys.readouterr()
+
+  second = _fit_worker.make_run(tmp_path, 20)
+  out = capsys.readouterr().out
+  assert "falling back to the previous checkpoint" in out and "moved the unreadable checkpoint" in out
+  assert second.resumed_from == 14 and second.step == 20
+  # The retrained final step was saved (not skipped as an existing step), and reads back as the first run ended.
+  assert ckpt.Checkpointer(checkpoints).all_steps() == [14, 20]
+  variables, info = ckpt.load_variables(checkpoints)
+  assert info["step"] == 20
+  for a, b in zip(leaves(first.state.params), leaves(variables["params"]), strict=True):
+    np.testing.assert_array_equal(a, b)
+  # The damaged files are kept aside, outside orbax's steps; a third run resumes from 20 without a fallback.
+  assert [p.name.split("-")[0] for p in (checkpoints / ckpt.DAMAGED_DIR).iterdir()] == ["20"]
+  third = _fit_worker.make_run(tmp_path, 20)
+  assert third.resumed_from == 20 and "falling back" not in capsys.readouterr().out
+
+
+class _Counting(_Ones):
+  """Counts the batches taken: a check that must come before training takes none."""
+
+  def __init__(self):
+    self.count = 0
+
+  def __next__(self):
+    self.count += 1
+    return super().__next__()
+
+
+def test_resume_with_another_config_is_refused_before_any_step(tmp_path, capsys):
+  import ml_collections
+
+  config = {"optimizer": {"learning_rate": 0.1}, "temperature": 2.0, "alpha": 0.7, "hidden": (4,)}
+  step = train.make_train_step(placement="single")
+  first = _fit(_tiny_state(), step, _Ones(), tmp_path, config=ml_collections.ConfigDict(config), stop_after=2)
+  assert first.step == 2
+  changed = {**config, "optimizer": {"learning_rate": 0.01}, "temperature": 4.0}
+  data = _Counting()
+  with pytest.raises(
+    ValueError,
+    match=r"optimizer\.learning_rate: 0\.1 in the checkpoint, 0\.01 now; temperature: 2\.0 in the checkpoint, "
+    r"4\.0 now\. .*allow_config_change=True",
+  ):
+    _fit(_tiny_state(), step, data, tmp_path, config=changed)
+  assert data.count == 0
+  # The same config as a plain dict (its tuple comes back from JSON as a list) resumes without complaint.
+  same = _fit(_tiny_state(), step, _Ones(), tmp_path, config=config, stop_after=1)
+  assert same.resumed_from == 2 and same.step == 3
+  capsys.readouterr()
+  allowed = _fit(_tiny_state(), step, _Ones(), tmp_path, config=changed, allow_config_change=True)
+  assert allowed.resumed_from == 3 and allowed.step == 50
+  assert "changed config: optimizer.learning_rate: 0.1 in the checkpoint, 0.01 now" in capsys.readouterr().out
+  stored = ckpt.Checkpointer(tmp_path / "checkpoints").restore(_tiny_state()).config
+  assert stored["temperature"] == 4.0 and stored["optimizer"] == {"learning_rate": 0.01}
+
+
+@pytest.mark.parametrize("how", ["read_only", "under_a_file"])
+def test_unwritable_workdir_fails_before_any_step(tmp_path, how):
+  if how == "read_only":
+    if os.geteuid() == 0:
+      pytest.skip("root writes into read-only directories; the 'under_a_file' case covers root")
+    parent = tmp_path / "read_only"
+    parent.mkdir()
+    parent.chmod(0o500)
+  else:
+    (tmp_path / "a_file").write_text("not a directory")
+    parent = tmp_path / "a_file"
+  data = _Counting()
+  try:
+    start = time.monotonic()
+    with pytest.raises(ckpt.CheckpointDirectoryError, match=f"cannot write checkpoints to {parent / 'run'}"):
+      _fit(_tiny_state(), train.make_train_step(placement="single"), data, parent / "run")
+    assert time.monotonic() - start < 30  # orbax's own failure came after a 300 s timeout, one save late
+  finally:
+    if how == "read_only":
+      parent.chmod(0o700)
+  assert data.count == 0
