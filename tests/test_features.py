@@ -289,3 +289,30 @@ def test_errors_name_the_shapes():
     features.vid_loss(a, np.ones(4), a)
   with pytest.raises(ValueError, match=r"need init_variance > eps > 0"):
     features.VIDRegressor(features=3, init_variance=0.0).init(jax.random.key(0), a)
+
+
+# ---------------------------------------------------------------- a broken teacher example stays non-finite
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_feature_losses_keep_a_broken_teacher_example_non_finite(bad):
+  rng = np.random.default_rng(53)
+  s, t = rng.normal(size=(3, 4, 4, 2)).astype(np.float32), rng.normal(size=(3, 4, 4, 2)).astype(np.float32)
+  broken = t.copy()
+  broken[1, 2, 3, 0] = bad
+
+  @jax.jit
+  def all_losses(s, t):  # [losses, batch]
+    return jnp.stack(
+      [
+        features.fitnet_loss(s, t),
+        features.attention_transfer_loss(s, t),
+        features.nst_loss(s, t),
+        features.fsp_loss(s, s, t, t),
+        features.vid_loss(s, jnp.ones(2), t),
+      ]
+    )
+
+  out, clean = np.asarray(all_losses(s, broken)), np.asarray(all_losses(s, t))
+  assert not np.any(np.isfinite(out[:, 1])), out
+  np.testing.assert_array_equal(out[:, [0, 2]], clean[:, [0, 2]])

@@ -1,7 +1,5 @@
 """Tests for jaxkd.losses against a float64 NumPy reference written here."""
 
-import functools
-
 import chex
 import jax
 import jax.numpy as jnp
@@ -11,7 +9,6 @@ from absl.testing import parameterized
 from jax.test_util import check_grads
 
 import jaxkd
-from jaxkd import features, relations
 
 SHAPES = [(4, 10), (2, 3, 5), (7,)]
 TEMPERATURES = [1.0, 2.0, 4.0, 20.0]
@@ -423,61 +420,3 @@ def test_traced_bad_temperature_gives_nan(temperature):
     assert np.all(np.isnan(out)), out
   for out in run(jnp.float32(2.0)):
     assert np.all(np.isfinite(out))
-
-
-# ---------------------------------------------------------------- the same for feature and relation losses
-# (jaxkd.features and jaxkd.relations; kept here, beside the logit losses' version, by the issue-13 change.)
-
-
-@pytest.mark.parametrize("bad", [np.nan, np.inf])
-def test_feature_losses_keep_a_broken_teacher_example_non_finite(bad):
-  rng = np.random.default_rng(53)
-  s, t = rng.normal(size=(3, 4, 4, 2)).astype(np.float32), rng.normal(size=(3, 4, 4, 2)).astype(np.float32)
-  broken = t.copy()
-  broken[1, 2, 3, 0] = bad
-
-  @jax.jit
-  def all_losses(s, t):  # [losses, batch]
-    return jnp.stack(
-      [
-        features.fitnet_loss(s, t),
-        features.attention_transfer_loss(s, t),
-        features.nst_loss(s, t),
-        features.fsp_loss(s, s, t, t),
-        features.vid_loss(s, jnp.ones(2), t),
-      ]
-    )
-
-  out, clean = np.asarray(all_losses(s, broken)), np.asarray(all_losses(s, t))
-  assert not np.any(np.isfinite(out[:, 1])), out
-  np.testing.assert_array_equal(out[:, [0, 2]], clean[:, [0, 2]])
-
-
-@functools.cache
-def _all_relation_losses():
-  """Every relation loss, stacked, compiled once for all parametrisations."""
-  fns = [
-    relations.similarity_preserving_loss,
-    relations.rkd_distance_loss,
-    relations.rkd_angle_loss,
-    relations.rkd_loss,
-    relations.pkt_loss,
-    relations.cc_loss,
-  ]
-  return jax.jit(lambda s, t, **kw: jnp.stack([fn(s, t, **kw) for fn in fns]))
-
-
-@pytest.mark.parametrize("side", ["teacher", "student"])
-@pytest.mark.parametrize("bad", [np.nan, np.inf])
-def test_relation_losses_keep_a_broken_example_non_finite_unless_masked(side, bad):
-  """RKD's distances and PKT's probabilities once read a NaN example as distance 0 and probability 0."""
-  rng = np.random.default_rng(54)
-  s, t = rng.normal(size=(5, 6)).astype(np.float32), rng.normal(size=(5, 3)).astype(np.float32)
-  broken = (s if side == "student" else t).copy()
-  broken[2, 1] = bad
-  s_bad, t_bad = (broken, t) if side == "student" else (s, broken)
-  keep = np.arange(5) != 2
-  all_losses = _all_relation_losses()
-  assert not np.any(np.isfinite(all_losses(s_bad, t_bad))), all_losses(s_bad, t_bad)
-  # Masked, the example is left out as if sliced away.
-  np.testing.assert_allclose(all_losses(s_bad, t_bad, where=keep), all_losses(s[keep], t[keep]), rtol=1e-5)

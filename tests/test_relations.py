@@ -260,3 +260,36 @@ def test_errors_name_the_shapes():
       fn(s[:1], s[:1])
   with pytest.raises(ValueError, match="taylor_order must be an integer >= 0 or None, got -1"):
     relations.cc_loss(s, s, taylor_order=-1)
+
+
+# ---------------------------------------------------------------- a broken example stays non-finite
+
+
+@functools.cache
+def _all_relation_losses():
+  """Every relation loss, stacked, compiled once for all parametrisations."""
+  fns = [
+    relations.similarity_preserving_loss,
+    relations.rkd_distance_loss,
+    relations.rkd_angle_loss,
+    relations.rkd_loss,
+    relations.pkt_loss,
+    relations.cc_loss,
+  ]
+  return jax.jit(lambda s, t, **kw: jnp.stack([fn(s, t, **kw) for fn in fns]))
+
+
+@pytest.mark.parametrize("side", ["teacher", "student"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_relation_losses_keep_a_broken_example_non_finite_unless_masked(side, bad):
+  """RKD's distances and PKT's probabilities once read a NaN example as distance 0 and probability 0."""
+  rng = np.random.default_rng(54)
+  s, t = rng.normal(size=(5, 6)).astype(np.float32), rng.normal(size=(5, 3)).astype(np.float32)
+  broken = (s if side == "student" else t).copy()
+  broken[2, 1] = bad
+  s_bad, t_bad = (broken, t) if side == "student" else (s, broken)
+  keep = np.arange(5) != 2
+  all_losses = _all_relation_losses()
+  assert not np.any(np.isfinite(all_losses(s_bad, t_bad))), all_losses(s_bad, t_bad)
+  # Masked, the example is left out as if sliced away.
+  np.testing.assert_allclose(all_losses(s_bad, t_bad, where=keep), all_losses(s[keep], t[keep]), rtol=1e-5)
