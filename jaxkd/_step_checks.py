@@ -100,28 +100,15 @@ class StepChecker:
       if len(shape) <= axis:
         what = "[steps, batch, ...] (steps_per_call > 1)" if self.stacked else "[batch, ...]"
         raise ValueError(f"batch['{key}'] must be laid out {what}, got shape {shape}.")
-      self.placement.check_batch_size(key, shape, leading=axis + 1)
+      self.placement.check_batch_size(key, shape, axis=axis)
     sizes = {k: np.shape(v)[: axis + 1] for k, v in batch.items()}
     if len(set(sizes.values())) > 1:
       raise ValueError(f"all batch entries must have the same leading (batch) axes, got {sizes}.")
 
   def _per_device(self, tree: PyTree, *, batched: bool, placed: bool) -> PyTree:
-    placement = self.placement
-
-    def struct(x: Any) -> jax.ShapeDtypeStruct:
-      shape = tuple(np.shape(x))
-      if batched and placed:
-        axis = 1 if self.stacked else 0
-        if placement.use_pmap:
-          shape = shape[1:]  # [devices, (steps,) per_device, ...]
-        else:
-          shape = (*shape[:axis], shape[axis] // placement.mesh.size, *shape[axis + 1 :])
-        if self.stacked:
-          shape = shape[1:]
-        return jax.ShapeDtypeStruct(shape, x.dtype)
-      return placement.per_device_struct(x, batched=batched, stacked=self.stacked)
-
-    return jax.tree.map(struct, tree)
+    return jax.tree.map(
+      lambda x: self.placement.per_device_struct(x, batched=batched, stacked=self.stacked, placed=placed), tree
+    )
 
   def _check_shapes(self, model: modeling.Model, state: Any, teacher_variables: PyTree, batch, *, placed) -> int:
     per_device = self._per_device(dict(batch), batched=True, placed=placed)

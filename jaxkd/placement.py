@@ -194,11 +194,11 @@ class Placement:
     sharded = NamedSharding(self.mesh, P(None, self.data_axis)) if stacked else self._sharded
     return all(x.ndim >= (2 if stacked else 1) and x.sharding.is_equivalent_to(sharded, x.ndim) for x in leaves)
 
-  def check_batch_size(self, key: str, shape: tuple[int, ...], *, leading: int = 1) -> None:
-    """Raises ValueError when a flat batch entry's rows do not divide over this process's devices."""
-    if len(shape) < leading:
-      raise ValueError(f"batch['{key}'] must have a leading batch axis, got a scalar.")
-    rows = shape[leading - 1]
+  def check_batch_size(self, key: str, shape: tuple[int, ...], *, axis: int = 0) -> None:
+    """Raises ValueError when a batch entry's rows (its axis ``axis``) do not divide over this process's devices."""
+    if len(shape) <= axis:
+      raise ValueError(f"batch['{key}'] must have a batch axis at position {axis}, got shape {shape}.")
+    rows = shape[axis]
     if rows % self.local_shards:
       raise ValueError(
         f"batch size {rows} of batch['{key}'] does not divide over the {self.local_shards} devices of "
@@ -262,16 +262,29 @@ class Placement:
 
   # ------------------------------------------------------------------------------------------------ input checks
 
-  def per_device_struct(self, x: Any, *, batched: bool, stacked: bool = False) -> jax.ShapeDtypeStruct:
-    """What the body sees of one argument leaf (for shape checks with ``jax.eval_shape``)."""
+  def per_device_struct(
+    self, x: Any, *, batched: bool, stacked: bool = False, placed: bool = False
+  ) -> jax.ShapeDtypeStruct:
+    """What the body sees of one argument leaf (for shape checks with ``jax.eval_shape``).
+
+    Args:
+      x: a leaf as the step receives it.
+      batched: a batch entry (split along the data axis) rather than state or teacher (replicated by :meth:`put`).
+      stacked: batch entries carry a leading ``[steps]`` axis that the body scans over.
+      placed: the batch entry was already placed by :meth:`put_batch` (else it holds this process's rows).
+    """
     shape = tuple(np.shape(x))
-    if self.use_pmap and not batched:
-      shape = shape[1:]  # the leading device axis of put()
-    elif batched:
+    if not batched:
+      return jax.ShapeDtypeStruct(shape[1:] if self.use_pmap else shape, x.dtype)  # pmap: put()'s device axis
+    if self.use_pmap and placed:
+      shape = shape[1:]  # [devices, (steps,) per_device, ...]
+    else:
       axis = 1 if stacked else 0
-      shape = (*shape[:axis], shape[axis] // self.local_shards, *shape[axis + 1 :])
-      if stacked:
-        shape = shape[1:]
+      # Rows of this process split over its devices, or a global array split over the whole mesh.
+      shards = self.mesh.size if placed else self.local_shards
+      shape = (*shape[:axis], shape[axis] // shards, *shape[axis + 1 :])
+    if stacked:
+      shape = shape[1:]
     return jax.ShapeDtypeStruct(shape, x.dtype)
 
   def check_replicated(self, name: str, tree: PyTree) -> None:
