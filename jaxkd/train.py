@@ -71,12 +71,9 @@ def _masked_sum(values: jax.Array, mask: jax.Array) -> jax.Array:
 def _labels_and_mask(spec: _Spec, batch: Mapping[str, Any]) -> tuple[jax.Array, jax.Array]:
   labels = batch[spec.label_key]
   mask = batch[spec.mask_key] if spec.mask_key in batch else jnp.ones(labels.shape, jnp.bool_)
-  if spec.label_key in batch:
-    ignored = labels == IGNORE_INDEX
-    mask = mask & ~ignored
-    # Ignored positions get class 0, so their (masked) loss stays finite and never reaches a gradient as NaN.
-    labels = jnp.where(ignored, 0, labels)
-  return labels, mask
+  ignored = labels == IGNORE_INDEX
+  # Ignored positions get class 0, so their (masked) loss stays finite and never reaches a gradient as NaN.
+  return jnp.where(ignored, 0, labels), mask & ~ignored
 
 
 def _labels_out_of_range(labels: jax.Array, mask: jax.Array, num_classes: int) -> jax.Array:
@@ -132,13 +129,12 @@ def _objective_loss(
   per_position, scalar = None, None
   values, new_states = {}, dict(state.term_state)
   for position, term in enumerate(objective.terms):
-    term_inputs = _term_inputs(term, inputs, state, jax.random.fold_in(term_key, position))
     if term.init_state is not None and term.name not in state.term_state:
       raise ValueError(
         f"term {term.name!r} keeps state between steps but the train state has none for it: make the state with "
         "jaxkd.create_train_state(..., objective=<this objective>, num_data=<training set size>)."
       )
-    output = term.fn(term_inputs)
+    output = term.fn(_term_inputs(term, inputs, state, jax.random.fold_in(term_key, position)))
     if term.init_state is not None:
       if not (isinstance(output, tuple) and len(output) == 2):
         raise ValueError(f"term {term.name!r} has init_state, so its fn must return (loss, new_state).")
@@ -211,14 +207,11 @@ def _train_body(
   index = batch.get("index")
 
   def loss_fn(trainable: PyTree):
-    params, adapters = (
-      (trainable["student"], trainable["adapters"])
-      if jax.tree.leaves(state.adapters)
-      else (
-        trainable,
-        {},
-      )
-    )
+    # The inverse of TrainState.trainable: the optimizer's tree holds the adapters only when there are some.
+    if jax.tree.leaves(state.adapters):
+      params, adapters = trainable["student"], trainable["adapters"]
+    else:
+      params, adapters = trainable, {}
     # Casting here, inside the differentiated function, gives float32 gradients for float32 master params.
     variables, mutable = _student_variables(state, modeling.cast_floating(params, spec.compute_dtype))
     logits, features, updates = state.model(
@@ -381,6 +374,9 @@ class _Step:
       stacked=stacked,
     )
 
+  def __call__(self, state: TrainState, teacher_variables: PyTree, batch: Mapping[str, Any]) -> Any:
+    return self._compiled(state, teacher_variables, self._prepare(state, teacher_variables, batch))
+
   def _prepare(self, state: TrainState, teacher_variables: PyTree, batch: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(batch, Mapping):
       raise ValueError(f"a batch must be a dict of arrays, got {type(batch).__name__}.")
@@ -416,11 +412,6 @@ class TrainStep(_Step):
     self.skip_nonfinite = spec.skip_nonfinite
     self.steps_per_call = steps_per_call
 
-  def __call__(
-    self, state: TrainState, teacher_variables: PyTree, batch: Mapping[str, Any]
-  ) -> tuple[TrainState, dict[str, jax.Array]]:
-    return self._compiled(state, teacher_variables, self._prepare(state, teacher_variables, batch))
-
 
 class EvalStep(_Step):
   """``evaluate(state, teacher_variables, batch) -> sums``, from :func:`make_eval_step`."""
@@ -428,9 +419,6 @@ class EvalStep(_Step):
   def __init__(self, spec: _Spec, placement: Placement):
     compiled = placement.wrap(_bind(_eval_body, spec), donate_state=False)
     super().__init__(spec, placement, compiled, stacked=False)
-
-  def __call__(self, state: TrainState, teacher_variables: PyTree, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
-    return self._compiled(state, teacher_variables, self._prepare(state, teacher_variables, batch))
 
 
 def _bind(body: Callable, spec: _Spec) -> Callable:
