@@ -225,7 +225,7 @@ def test_checkpoint_without_integrity_record_still_restores(tmp_path, caplog):
   assert "no integrity record" in caplog.text
 
 
-def _unwritable(tmp_path, how):
+def unwritable_path(tmp_path, how):
   """A checkpoint path this process cannot create: under a read-only directory, or under a file."""
   if how == "read_only":
     if os.geteuid() == 0:
@@ -240,7 +240,7 @@ def _unwritable(tmp_path, how):
 
 @pytest.mark.parametrize("how", ["read_only", "under_a_file"])
 def test_unwritable_directory_fails_at_once_naming_it(tmp_path, how):
-  path = _unwritable(tmp_path, how) / "checkpoints"
+  path = unwritable_path(tmp_path, how) / "checkpoints"
   try:
     start = time.monotonic()
     with pytest.raises(ckpt.CheckpointDirectoryError, match=f"cannot write checkpoints to {path}") as info:

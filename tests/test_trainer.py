@@ -20,6 +20,7 @@ from jaxkd import state as state_lib
 from jaxkd.metrics import read_metrics
 from jaxkd.models import MLP
 from jaxkd.placement import Placement
+from tests.test_checkpoint import unwritable_path
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import _fit_worker  # noqa: E402
@@ -422,15 +423,8 @@ def test_resume_with_another_config_is_refused_before_any_step(tmp_path, capsys)
 
 @pytest.mark.parametrize("how", ["read_only", "under_a_file"])
 def test_unwritable_workdir_fails_before_any_step(tmp_path, how):
-  if how == "read_only":
-    if os.geteuid() == 0:
-      pytest.skip("root writes into read-only directories; the 'under_a_file' case covers root")
-    parent = tmp_path / "read_only"
-    parent.mkdir()
-    parent.chmod(0o500)
-  else:
-    (tmp_path / "a_file").write_text("not a directory")
-    parent = tmp_path / "a_file"
+  run = unwritable_path(tmp_path, how)
+  parent = run.parent
   data = _Counting()
   try:
     start = time.monotonic()
