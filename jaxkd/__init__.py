@@ -1,6 +1,6 @@
 """jaxkd: knowledge distillation in JAX and Flax."""
 
-from jaxkd import crd, distributed, evaluation, features, hooks, methods, objective, relations
+from jaxkd import crd, distributed, evaluation, features, hooks, lm, methods, objective, relations, transformer
 from jaxkd.losses import (
   dist_loss,
   distillation_loss,
@@ -18,6 +18,7 @@ from jaxkd.losses import (
 from jaxkd.modeling import Model, from_nnx
 from jaxkd.objective import LossTerm, Objective
 from jaxkd.placement import Placement
+from jaxkd.sparse_losses import sparse_kd_loss, teacher_topk
 from jaxkd.state import TrainState, create_train_state
 from jaxkd.train import make_eval_step, make_train_step, summarize_eval
 
@@ -42,6 +43,7 @@ __all__ = [
   "from_nnx",
   "hard_cross_entropy",
   "kd_loss",
+  "lm",
   "make_eval_step",
   "make_train_step",
   "methods",
@@ -49,9 +51,12 @@ __all__ = [
   "relations",
   "reverse_kl_loss",
   "soft_cross_entropy",
+  "sparse_kd_loss",
   "standardize_logits",
   "standardized_kd_loss",
   "summarize_eval",
   "tempered_log_softmax",
+  "teacher_topk",
   "tempered_softmax",
+  "transformer",
 ]

@@ -72,6 +72,7 @@ class StepChecker:
     if signature not in self._passed:
       self._passed[signature] = self._check_shapes(model, state, teacher_variables, batch, placed=placed)
     self._check_label_range(labels, batch, self._passed[signature])
+    self._check_topk(batch, self._passed[signature])
 
   def _check_sources(self, model: modeling.Model, teacher_variables: PyTree, batch: Mapping[str, Any]) -> None:
     if self.label_key not in batch:
@@ -173,6 +174,32 @@ class StepChecker:
         raise ValueError(
           f"labels must be in [0, num_classes={num_classes}) (or {self.ignore_index}, ignored), got values in "
           f"[{real.min()}, {real.max()}]."
+        )
+
+  def _check_topk(self, batch: Mapping[str, Any], num_classes: int) -> None:
+    """A top-k cache's entries (jaxkd.topk_cache.JoinedSource) against the labels and the student's vocabulary.
+
+    Host indices are range-checked here (a cache made with another tokenizer or vocabulary); device ones make the
+    loss NaN at that token (jaxkd.sparse_losses), so the step is skipped and counted.
+    """
+    if "teacher_topk_indices" not in batch:
+      return
+    labels = tuple(np.shape(batch[self.label_key]))
+    indices = batch["teacher_topk_indices"]
+    for key in ("teacher_topk_logits", "teacher_topk_indices", "teacher_log_normalizer"):
+      if key in batch:
+        shape = tuple(np.shape(batch[key]))
+        if shape[: len(labels)] != labels:
+          raise ValueError(
+            f"batch['{key}'] of shape {shape} does not match the labels {labels}: the top-k cache was written for "
+            "other sequences (another length or batch); rebuild it for these token windows."
+          )
+    if isinstance(indices, np.ndarray) and indices.size:
+      low, high = int(indices.min()), int(indices.max())
+      if low < 0 or high >= num_classes:
+        raise ValueError(
+          f"batch['teacher_topk_indices'] holds token ids in [{low}, {high}] but the student's vocabulary is "
+          f"[0, {num_classes}): the top-k cache comes from another tokenizer or teacher vocabulary."
         )
 
 

@@ -127,6 +127,10 @@ class Model:
     linen_module: the linen module behind ``apply_fn`` (needed to capture features by layer path), or None.
     name: ``'student'`` or ``'teacher'`` in error messages.
     takes_rngs: whether ``apply_fn`` accepts ``rngs=`` (the dropout key in train mode).
+    head: the output layer kept apart, ``head(variables, hidden) -> logits``, for language models whose
+      vocabulary projection dominates memory: ``apply_fn`` then returns the hidden states ``[..., d]`` and the
+      step applies the head itself, to all positions at once or chunk by chunk (``make_train_step(chunk_size=)``)
+      so that the ``[batch, length, vocab]`` logits never exist whole. :func:`jaxkd.lm.lm_model` builds one.
   """
 
   apply_fn: Callable[..., Any]
@@ -137,6 +141,7 @@ class Model:
   linen_module: nn.Module | None = None
   name: str = "model"
   takes_rngs: bool = True
+  head: Callable[[PyTree, jax.Array], jax.Array] | None = None
 
   def __post_init__(self):
     inputs = (self.inputs,) if isinstance(self.inputs, str) else tuple(self.inputs)
@@ -152,7 +157,8 @@ class Model:
       fn_hash = hash(self.apply_fn)
     except TypeError:  # the bound apply of an unhashable module (a list-valued attribute)
       fn_hash = id(self.apply_fn)
-    return hash((fn_hash, self.inputs, tuple(sorted(self.input_kwargs.items())), self.train_flag, self.logits))
+    key = (fn_hash, self.inputs, tuple(sorted(self.input_kwargs.items())), self.train_flag, self.logits, self.head)
+    return hash(key)
 
   @property
   def batch_keys(self) -> tuple[str, ...]:
@@ -210,8 +216,12 @@ class Model:
     mutable: Sequence[str] = (),
     capture: Sequence[str] = (),
     compute_dtype: Any = None,
+    project: bool = True,
   ) -> tuple[jax.Array, dict[str, jax.Array], dict[str, Any]]:
-    """Runs the network on ``batch``: ``(logits, {layer: features}, {collection: updates})``."""
+    """Runs the network on ``batch``: ``(logits, {layer: features}, {collection: updates})``.
+
+    With a ``head`` and ``project=False`` the first result is the hidden states the head takes.
+    """
     args = [cast_floating(batch[key], compute_dtype) for key in self.inputs]
     kwargs = {name: cast_floating(batch[key], compute_dtype) for name, key in self.input_kwargs.items()}
     kwargs.update(self.flag_kwargs(train))
@@ -243,7 +253,10 @@ class Model:
             f"{self.layer_names(variables, batch)} (module paths whose __call__ output is taken, or values sown "
             "into 'intermediates')."
           ) from None
-    return self._select_logits(outputs), features, updates
+    outputs = self._select_logits(outputs)
+    if self.head is not None and project:
+      outputs = self.head(variables, outputs)
+    return outputs, features, updates
 
   def layer_names(self, variables: PyTree, batch: Mapping[str, Any]) -> list[str]:
     """Every capturable layer path, from an abstract (shapes-only) run that captures them all."""

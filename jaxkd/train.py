@@ -23,6 +23,8 @@ Example (every device of every process)::
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -58,6 +60,7 @@ class _Spec:
   label_key: str
   mask_key: str
   plain_objective: objective_lib.Objective | None  # used when the batch brings no teacher logits
+  chunk_size: int | None = None  # token positions per chunk of the output heads (None: all at once)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -94,8 +97,11 @@ def _cast_params(variables: PyTree, dtype: Any) -> PyTree:
   return {**variables, "params": modeling.cast_floating(variables["params"], dtype)}
 
 
-def _teacher_outputs(spec: _Spec, teacher_variables: PyTree, batch: Mapping[str, Any]):
-  """``(teacher_logits, teacher_features)`` under ``stop_gradient``; ``(None, {})`` without a teacher."""
+def _teacher_outputs(spec: _Spec, teacher_variables: PyTree, batch: Mapping[str, Any], *, project: bool = True):
+  """``(teacher_logits, teacher_features)`` under ``stop_gradient``; ``(None, {})`` without a teacher.
+
+  With ``project=False`` a teacher with a head returns its hidden states instead of logits (the chunked path).
+  """
   if spec.teacher is not None:
     logits, features, _ = spec.teacher(
       _cast_params(teacher_variables, spec.compute_dtype),
@@ -103,6 +109,7 @@ def _teacher_outputs(spec: _Spec, teacher_variables: PyTree, batch: Mapping[str,
       train=False,
       capture=spec.objective.teacher_layers,
       compute_dtype=spec.compute_dtype,
+      project=project,
     )
   elif "teacher_logits" in batch:
     logits, features = batch["teacher_logits"], {}
@@ -202,7 +209,8 @@ def _train_body(
   # Normalising by the global count of real examples (or tokens) makes the summed gradient the gradient of the
   # global mean: a pmean of per-device means when every device holds the same number of them.
   global_count = psum(jnp.sum(mask, dtype=jnp.float32), axis)
-  teacher_logits, teacher_features = _teacher_outputs(spec, teacher_variables, batch)
+  chunked = spec.chunk_size is not None
+  teacher_logits, teacher_features = _teacher_outputs(spec, teacher_variables, batch, project=not chunked)
   objective = spec.objective if teacher_logits is not None else spec.plain_objective
   index = batch.get("index")
 
@@ -214,7 +222,7 @@ def _train_body(
       params, adapters = trainable, {}
     # Casting here, inside the differentiated function, gives float32 gradients for float32 master params.
     variables, mutable = _student_variables(state, modeling.cast_floating(params, spec.compute_dtype))
-    logits, features, updates = state.model(
+    outputs, features, updates = state.model(
       variables,
       batch,
       train=True,
@@ -222,14 +230,14 @@ def _train_body(
       mutable=mutable,
       capture=objective.student_layers,
       compute_dtype=spec.compute_dtype,
+      project=not chunked,
     )
-    logits = logits.astype(jnp.float32)
     batch_stats = state.batch_stats
     if mutable:
       # Same dtypes as before keeps the state's avals fixed: one compilation, working donation.
       batch_stats = jax.tree.map(lambda new, old: new.astype(old.dtype), updates["batch_stats"], batch_stats)
     inputs = dict(
-      student_logits=logits,
+      student_logits=outputs if chunked else outputs.astype(jnp.float32),
       teacher_logits=teacher_logits,
       labels=labels,
       mask=mask,
@@ -240,24 +248,128 @@ def _train_body(
       axis_name=axis,
       adapters=adapters,
     )
+    if chunked:
+      teacher_head = None
+      if spec.teacher is not None:
+        teacher_head = functools.partial(spec.teacher.head, _cast_params(teacher_variables, spec.compute_dtype))
+      loss, values, sums, num_classes = _chunked_objective_loss(
+        spec, objective, state, inputs, global_count, functools.partial(state.model.head, variables), teacher_head
+      )
+      return loss, (sums, num_classes, batch_stats, values, dict(state.term_state))
     loss, values, term_state = _objective_loss(objective, state, inputs, global_count)
-    return loss, (logits, batch_stats, values, term_state)
+    return loss, (inputs["student_logits"], batch_stats, values, term_state)
 
   (local_loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
-  logits, batch_stats, values, term_state = aux
+  if chunked:
+    sums, num_classes, batch_stats, values, term_state = aux
+  else:
+    # The metrics from the logits outside the differentiated function (inside it, XLA fused them with the loss and
+    # the loss moved by an ulp from jaxkd.losses.distillation_loss's).
+    logits, batch_stats, values, term_state = aux
+    sums, num_classes = _metric_sums(spec, state.step, logits, teacher_logits, labels, mask, batch), logits.shape[-1]
   # NaN on one device is NaN in the summed loss every device sees, so all of them skip the update.
-  local_loss = jnp.where(_labels_out_of_range(labels, mask, logits.shape[-1]), jnp.nan, local_loss)
+  local_loss = jnp.where(_labels_out_of_range(labels, mask, num_classes), jnp.nan, local_loss)
   batch_stats = pmean_inexact(batch_stats, axis)
   grads = psum(grads, axis)
   loss = psum(local_loss, axis)
   new_state, finite, grad_norm = _update(spec, state, grads, loss, batch_stats=batch_stats, term_state=term_state)
-  metrics = _metrics(spec, state.step, logits, teacher_logits, labels, mask, global_count, objective)
+  metrics = _finish_metrics(spec, state.step, sums, global_count, objective, labels)
   metrics.update({f"loss/{name}": value for name, value in psum(values, axis).items()})
   metrics["loss"] = loss
   if grad_norm is not None:
     metrics["grad_norm"] = grad_norm
   metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
   return new_state, metrics
+
+
+def _has_topk(batch: Mapping[str, Any]) -> bool:
+  return "teacher_topk_indices" in batch
+
+
+def _chunked_objective_loss(
+  spec: _Spec,
+  objective: objective_lib.Objective,
+  state: TrainState,
+  inputs: dict[str, Any],
+  global_count: jax.Array,
+  student_head: Callable[[jax.Array], jax.Array],
+  teacher_head: Callable[[jax.Array], jax.Array] | None,
+) -> tuple[jax.Array, dict[str, jax.Array], dict[str, jax.Array], int]:
+  """The objective over chunks of ``spec.chunk_size`` token positions: logits exist one chunk at a time.
+
+  Each chunk applies the output heads to its slice of the hidden states, evaluates the per-token terms and the
+  metric sums, and is rematerialised in the backward pass (``jax.checkpoint``), so neither pass holds more than
+  one chunk's ``[batch, chunk, vocab]`` logits and probabilities. Per-token terms are sums over positions, so the
+  result equals the unchunked objective up to float32 rounding (tests/test_lm.py).
+
+  Returns:
+    ``(loss, term values, metric sums, num_classes)`` as :func:`_objective_loss` and :func:`_metric_sums`.
+  """
+  labels, mask, batch = inputs["labels"], inputs["mask"], inputs["batch"]
+  hidden = inputs["student_logits"]
+  teacher_hidden = inputs["teacher_logits"]
+  chunk = spec.chunk_size
+  if state.model.head is None:
+    raise ValueError(
+      f"chunk_size={chunk} needs a student whose output head is separate (jaxkd.Model(..., head=...), e.g. from "
+      "jaxkd.lm.lm_model(module)); this student returns logits."
+    )
+  bad = [t.name for t in objective.terms if t.scope != "example" or t.init_state is not None]
+  if bad or objective.student_layers or objective.teacher_layers:
+    raise ValueError(
+      f"chunk_size={chunk} evaluates per-token terms chunk by chunk; terms {bad or list(objective.terms)} need the "
+      "whole batch (scope other than 'example', state, or features). Use chunk_size=None for this objective."
+    )
+  if labels.ndim != 2:
+    raise ValueError(f"chunk_size={chunk} needs token labels [batch, length], got labels of shape {labels.shape}.")
+  size, length = labels.shape
+  if length % chunk:
+    raise ValueError(
+      f"chunk_size={chunk} must divide the sequence length {length}; choose a divisor (e.g. {math.gcd(length, chunk)})."
+    )
+  num_chunks = length // chunk
+
+  def split(x: jax.Array) -> jax.Array:  # [batch, length, ...] -> [chunks, batch, chunk, ...]
+    return jnp.moveaxis(x.reshape(size, num_chunks, chunk, *x.shape[2:]), 1, 0)
+
+  per_token = {k: v for k, v in batch.items() if jnp.ndim(v) >= 2 and tuple(jnp.shape(v)[:2]) == (size, length)}
+  xs = {
+    "hidden": split(hidden),
+    "labels": split(labels),
+    "mask": split(mask),
+    "batch": {k: split(jnp.asarray(v)) for k, v in per_token.items()},
+  }
+  if teacher_hidden is not None:
+    xs["teacher_hidden"] = split(teacher_hidden)
+  num_classes = jax.eval_shape(student_head, xs["hidden"][0]).shape[-1]
+
+  @jax.checkpoint
+  def one_chunk(x: dict[str, Any]) -> tuple[jax.Array, dict[str, jax.Array], dict[str, jax.Array]]:
+    logits = student_head(x["hidden"]).astype(jnp.float32)
+    teacher_logits = None
+    if teacher_head is not None:
+      teacher_logits = jax.lax.stop_gradient(teacher_head(x["teacher_hidden"]).astype(jnp.float32))
+    chunk_batch = {**batch, **x["batch"]}
+    chunk_inputs = {
+      **inputs,
+      "student_logits": logits,
+      "teacher_logits": teacher_logits,
+      "labels": x["labels"],
+      "mask": x["mask"],
+      "batch": chunk_batch,
+    }
+    loss, values, _ = _objective_loss(objective, state, chunk_inputs, global_count)
+    sums = _metric_sums(spec, state.step, logits, teacher_logits, x["labels"], x["mask"], chunk_batch)
+    return loss, values, jax.lax.stop_gradient(sums)
+
+  def body(carry, x):
+    return jax.tree.map(jnp.add, carry, one_chunk(x)), None
+
+  zeros = jax.tree.map(
+    lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(one_chunk, jax.tree.map(lambda v: v[0], xs))
+  )
+  (loss, values, sums), _ = jax.lax.scan(body, zeros, xs)
+  return loss, values, sums, num_classes
 
 
 def _update(spec: _Spec, state: TrainState, grads: PyTree, loss: jax.Array, **changes: Any):
@@ -280,22 +392,40 @@ def _update(spec: _Spec, state: TrainState, grads: PyTree, loss: jax.Array, **ch
   return new_state, finite, grad_norm
 
 
-def _metrics(spec, step, logits, teacher_logits, labels, mask, global_count, objective) -> dict[str, jax.Array]:
+def _metric_sums(spec, step, logits, teacher_logits, labels, mask, batch) -> dict[str, jax.Array]:
+  """This device's masked sums of the metrics (divided by the global count in :func:`_finish_metrics`)."""
   predictions = jnp.argmax(logits, axis=-1)
+  token_level = labels.ndim >= 2
   sums = {
     "ce": _masked_sum(hard_cross_entropy(logits, labels), mask),
     "accuracy": _masked_sum(predictions == labels, mask),
   }
-  temperature = objective_lib.value_at(spec.objective.temperature, step)
   if teacher_logits is not None:
+    temperature = objective_lib.value_at(spec.objective.temperature, step)
     teacher_predictions = jnp.argmax(teacher_logits, axis=-1)
     sums["kd_loss"] = _masked_sum(kd_loss(logits, teacher_logits, temperature), mask)
     sums["teacher_accuracy"] = _masked_sum(teacher_predictions == labels, mask)
     sums["agreement"] = _masked_sum(predictions == teacher_predictions, mask)
+    if token_level:
+      sums["teacher_ce"] = _masked_sum(hard_cross_entropy(teacher_logits, labels), mask)
+  elif _has_topk(batch):
+    # A top-k cache knows the teacher's top-1 token (its first index: lax.top_k sorts), not its full distribution.
+    teacher_predictions = jnp.asarray(batch["teacher_topk_indices"])[..., 0].astype(jnp.int32)
+    sums["teacher_accuracy"] = _masked_sum(teacher_predictions == labels, mask)
+    sums["agreement"] = _masked_sum(predictions == teacher_predictions, mask)
+  return sums
+
+
+def _finish_metrics(spec, step, sums, global_count, objective, labels) -> dict[str, jax.Array]:
   metrics = jax.tree.map(lambda s: s / global_count, psum(sums, spec.axis))
+  if labels.ndim >= 2:
+    # Token-level: perplexities of the batch's real tokens (exp of the per-token cross-entropy, nats).
+    metrics["perplexity"] = jnp.exp(metrics["ce"])
+    if "teacher_ce" in metrics:
+      metrics["teacher_perplexity"] = jnp.exp(metrics["teacher_ce"])
   # The current values of schedules, logged beside the losses.
-  if teacher_logits is not None:
-    metrics["temperature"] = jnp.asarray(temperature, jnp.float32)
+  if "kd_loss" in metrics:
+    metrics["temperature"] = jnp.asarray(objective_lib.value_at(spec.objective.temperature, step), jnp.float32)
   for term in objective.terms:
     metrics[f"weight/{term.name}"] = jnp.asarray(objective_lib.value_at(term.weight, step), jnp.float32)
   return metrics
@@ -465,6 +595,7 @@ def make_train_step(
   label_key: str = "label",
   mask_key: str = "mask",
   teacher_inputs: tuple[str, ...] | None = None,
+  chunk_size: int | None = None,
 ) -> TrainStep:
   r"""Builds the compiled distillation step ``step(state, teacher_variables, batch) -> (state, metrics)``.
 
@@ -515,6 +646,10 @@ def make_train_step(
     label_key: the batch entry holding the labels.
     mask_key: the batch entry holding the padding mask.
     teacher_inputs: batch keys the teacher reads, when it differs from the student (default: the student's).
+    chunk_size: for language models whose :class:`jaxkd.Model` has a ``head`` (:func:`jaxkd.lm.lm_model`): apply
+      the output heads and the per-token terms to this many positions at a time (it must divide the length), so
+      the float32 ``[batch, length, vocab]`` logits and probabilities of student and teacher never exist whole
+      (peak memory in benchmarks/README.md); None applies the heads to every position at once.
 
   Returns:
     A :class:`TrainStep`. ``metrics`` hold float32 scalars (per device under pmap, identical on each;
@@ -527,11 +662,20 @@ def make_train_step(
   _checks.check_alpha(alpha)
   if not isinstance(steps_per_call, int) or steps_per_call < 1:
     raise ValueError(f"steps_per_call must be an int >= 1, got {steps_per_call!r}.")
+  if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+    raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}.")
   objective, plain = _objective(objective, loss_fn, temperature, alpha)
   placement = as_placement(placement)
   spec = _make_spec(
     objective, plain, teacher_apply_fn, placement, compute_dtype, skip_nonfinite, label_key, mask_key, teacher_inputs
   )
+  if chunk_size is not None:
+    if spec.teacher is not None and spec.teacher.head is None:
+      raise ValueError(
+        "chunk_size needs a teacher whose output head is separate (jaxkd.Model(..., head=...), e.g. from "
+        "jaxkd.lm.lm_model(module)); this teacher returns logits."
+      )
+    spec = dataclasses.replace(spec, chunk_size=chunk_size)
   return TrainStep(spec, placement, donate=donate, steps_per_call=steps_per_call)
 
 
