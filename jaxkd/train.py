@@ -507,6 +507,15 @@ class _Step:
   def __call__(self, state: TrainState, teacher_variables: PyTree, batch: Mapping[str, Any]) -> Any:
     return self._compiled(state, teacher_variables, self._prepare(state, teacher_variables, batch))
 
+  def lower(self, state: TrainState, teacher_variables: PyTree, batch: Mapping[str, Any]) -> Any:
+    """The step lowered for these arguments, without running it (``jax.stages.Lowered``).
+
+    ``step.lower(state, teacher_variables, batch).compile().memory_analysis()`` gives the compiled step's
+    buffer sizes; ``.cost_analysis()`` its FLOPs. Abstract arguments (``jax.ShapeDtypeStruct``) are not
+    accepted: the host checks read the batch.
+    """
+    return self._compiled.lower(state, teacher_variables, self._prepare(state, teacher_variables, batch))
+
   def _prepare(self, state: TrainState, teacher_variables: PyTree, batch: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(batch, Mapping):
       raise ValueError(f"a batch must be a dict of arrays, got {type(batch).__name__}.")

@@ -220,3 +220,27 @@ def test_lm_model_and_objective_errors():
     lm.sparse_kd(tail="drop")
   with pytest.raises(ValueError, match="beta"):
     lm.token_kd("gjsd", beta=1.0)
+
+
+def test_chunked_step_needs_a_fraction_of_the_dense_memory():
+  """Compiled, not run: the chunked step's temporaries are a fraction of the dense step's at a large vocabulary.
+
+  benchmarks/lm_step.py measures the issue's size (vocabulary 32k, length 512); here a smaller one keeps the
+  compile cheap. The logits are [4, 256, 4096] float32 = 16 MiB per copy, the model's own activations ~1 MiB.
+  """
+  vocab, length = 4096, 256
+  config = dict(vocab_size=vocab, num_layers=1, d_model=32, num_heads=2, max_len=length)
+  student_module, teacher_module = TransformerLM(**config), TransformerLM(**config)
+  tokens = np.zeros((4, length), np.int32)
+  teacher_variables = jax.jit(teacher_module.init)(jax.random.key(1), tokens)
+  state = jaxkd.create_train_state(lm.lm_model(student_module), optax.sgd(0.1), {"tokens": tokens}, rng=0)
+  batch = {"tokens": tokens, "label": tokens}
+  teacher = lm.lm_model(teacher_module, name="teacher")
+
+  def temp_bytes(chunk_size):
+    step = _step(teacher, chunk_size=chunk_size)
+    return step.lower(state, teacher_variables, batch).compile().memory_analysis().temp_size_in_bytes
+
+  dense, chunked = temp_bytes(None), temp_bytes(16)
+  assert dense > 3 * 16 * 2**20  # several float32 [batch, length, vocab] buffers at once
+  assert chunked <= dense / 4, (chunked, dense)
