@@ -220,11 +220,27 @@ class Objective:
 # The terms every objective is made of.
 
 
+# Batch entries of a mixed batch (jaxkd.augment's mixup and cutmix): the partner's label and the mixing weight.
+MIX_LABEL, MIX_WEIGHT = "mix_label", "mix_weight"
+
+
 def cross_entropy(*, weight: Schedule = 1.0, name: str = "ce") -> LossTerm:
-  """Hard-label cross-entropy, per example (:func:`jaxkd.losses.hard_cross_entropy`)."""
-  return LossTerm(
-    name, lambda inputs: losses.hard_cross_entropy(inputs.student_logits, inputs.labels), weight, needs_teacher=False
-  )
+  """Hard-label cross-entropy, per example (:func:`jaxkd.losses.hard_cross_entropy`).
+
+  On a mixed batch (``batch['mix_label']`` and ``batch['mix_weight']`` :math:`\\lambda` from
+  :mod:`jaxkd.augment`) it is :math:`\\lambda\\,\\mathrm{CE}(y) + (1 - \\lambda)\\,\\mathrm{CE}(y')`, the mixed
+  label's cross-entropy.
+  """
+
+  def fn(inputs: TermInputs) -> jax.Array:
+    ce = losses.hard_cross_entropy(inputs.student_logits, inputs.labels)
+    if MIX_LABEL not in inputs.batch:
+      return ce
+    weight = jnp.asarray(inputs.batch[MIX_WEIGHT], jnp.float32)
+    partner = losses.hard_cross_entropy(inputs.student_logits, inputs.batch[MIX_LABEL])
+    return weight * ce + (1.0 - weight) * partner
+
+  return LossTerm(name, fn, weight, needs_teacher=False)
 
 
 def kd(*, weight: Schedule = 0.9, temperature: Schedule = 4.0, name: str = "kd") -> LossTerm:

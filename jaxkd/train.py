@@ -46,6 +46,8 @@ PyTree = Any
 IGNORE_INDEX = -100
 # A key stream for the loss terms, apart from the dropout keys fold_in(fold_in(rng, step), device).
 _TERM_STREAM = 0x7E4D
+# The augmentation's key stream: the same key on every device, per-example draws keyed by the global row.
+_AUGMENT_STREAM = 0xA06
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +63,7 @@ class _Spec:
   mask_key: str
   plain_objective: objective_lib.Objective | None  # used when the batch brings no teacher logits
   chunk_size: int | None = None  # token positions per chunk of the output heads (None: all at once)
+  augment: Callable[..., Mapping[str, Any]] | None = None  # augment(batch, key, rows) -> batch, inside the step
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -205,6 +208,8 @@ def _train_body(
   # that depend on it) free of the axis: measured half the speed otherwise.
   device_index = jax.lax.axis_index(axis) if jax.lax.axis_size(axis) > 1 else 0
   rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), device_index)
+  if spec.augment is not None:
+    batch = _augmented(spec, state, batch, device_index)
   labels, mask = _labels_and_mask(spec, batch)
   # Normalising by the global count of real examples (or tokens) makes the summed gradient the gradient of the
   # global mean: a pmean of per-device means when every device holds the same number of them.
@@ -280,6 +285,18 @@ def _train_body(
     metrics["grad_norm"] = grad_norm
   metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
   return new_state, metrics
+
+
+def _augmented(spec: _Spec, state: TrainState, batch: Mapping[str, Any], device_index: Any) -> dict[str, Any]:
+  """The batch after ``spec.augment``, computed once: teacher and student both read the array it returns.
+
+  Its key depends on the state's key and step only, and each example's draws on its row in the global batch, so
+  the augmented batch is the same under every placement and after a resume (tests/test_augment.py).
+  """
+  size = jnp.shape(batch[spec.label_key])[0]
+  rows = device_index * size + jnp.arange(size, dtype=jnp.int32)
+  key = jax.random.fold_in(jax.random.fold_in(state.rng, _AUGMENT_STREAM), state.step)
+  return dict(spec.augment(dict(batch), key, rows))
 
 
 def _has_topk(batch: Mapping[str, Any]) -> bool:
@@ -605,6 +622,7 @@ def make_train_step(
   mask_key: str = "mask",
   teacher_inputs: tuple[str, ...] | None = None,
   chunk_size: int | None = None,
+  augment: Callable[..., Mapping[str, Any]] | None = None,
 ) -> TrainStep:
   r"""Builds the compiled distillation step ``step(state, teacher_variables, batch) -> (state, metrics)``.
 
@@ -659,6 +677,11 @@ def make_train_step(
       the output heads and the per-token terms to this many positions at a time (it must divide the length), so
       the float32 ``[batch, length, vocab]`` logits and probabilities of student and teacher never exist whole
       (peak memory in benchmarks/README.md); None applies the heads to every position at once.
+    augment: ``augment(batch, key, rows) -> batch``, applied on device at the start of the step, once, so that
+      teacher and student see the same augmented input (Beyer et al.'s "consistent teaching"); ``rows`` are the
+      examples' int32 rows in the global batch, ``key`` is the same on every device, so every placement draws the
+      same augmentation for an example, and a resumed run the same as an uninterrupted one. See
+      :mod:`jaxkd.augment` (mixup, cutmix, crops, flips).
 
   Returns:
     A :class:`TrainStep`. ``metrics`` hold float32 scalars (per device under pmap, identical on each;
@@ -685,6 +708,10 @@ def make_train_step(
         "jaxkd.lm.lm_model(module)); this teacher returns logits."
       )
     spec = dataclasses.replace(spec, chunk_size=chunk_size)
+  if augment is not None:
+    if not callable(augment):
+      raise TypeError(f"augment must be a function augment(batch, key, rows) -> batch, got {augment!r}.")
+    spec = dataclasses.replace(spec, augment=augment)
   return TrainStep(spec, placement, donate=donate, steps_per_call=steps_per_call)
 
 
