@@ -293,6 +293,12 @@ def _augmented(spec: _Spec, state: TrainState, batch: Mapping[str, Any], device_
   Its key depends on the state's key and step only, and each example's draws on its row in the global batch, so
   the augmented batch is the same under every placement and after a resume (tests/test_augment.py).
   """
+  if spec.teacher is None and ("teacher_logits" in batch or _has_topk(batch)):
+    raise ValueError(
+      "augment= with cached teacher logits would distil the student's augmented view towards the teacher's output "
+      "on the unaugmented input (the inconsistent teaching Beyer et al. 2022 warn against): pass the teacher as "
+      "teacher_apply_fn so it sees the same augmented batch, or drop augment=."
+    )
   size = jnp.shape(batch[spec.label_key])[0]
   rows = device_index * size + jnp.arange(size, dtype=jnp.int32)
   key = jax.random.fold_in(jax.random.fold_in(state.rng, _AUGMENT_STREAM), state.step)
@@ -681,7 +687,10 @@ def make_train_step(
       teacher and student see the same augmented input (Beyer et al.'s "consistent teaching"); ``rows`` are the
       examples' int32 rows in the global batch, ``key`` is the same on every device, so every placement draws the
       same augmentation for an example, and a resumed run the same as an uninterrupted one. See
-      :mod:`jaxkd.augment` (mixup, cutmix, crops, flips).
+      :mod:`jaxkd.augment` (mixup, cutmix, crops, flips). Mixing sets ``batch['mix_label']`` and
+      ``batch['mix_weight']``, which :func:`jaxkd.objective.cross_entropy` reads; a ``loss_fn`` reading ``labels``
+      sees the first example's label only. With cached teacher logits it is an error (they are of the unaugmented
+      input).
 
   Returns:
     A :class:`TrainStep`. ``metrics`` hold float32 scalars (per device under pmap, identical on each;
