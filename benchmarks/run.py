@@ -1,11 +1,13 @@
-"""Runs every benchmark: train step (MLP and ResNet pairs) and input pipeline, one table each, JSON results.
+"""Runs every benchmark: train step (MLP and ResNet pairs), input pipeline and LM step, their tables, JSON results.
 
-About 2.5 minutes on 2 quiet CPU cores (6 under heavy load); ``--quick`` runs tiny sizes (the smoke test)::
+About 2.5 minutes on 2 quiet CPU cores (6 under heavy load) without ``lm_step``, which adds 11 minutes at load 8-10
+(not yet timed on a quiet machine); ``--quick`` runs tiny sizes (the smoke test)::
 
   python -m benchmarks.run                                   # everything, CPU sizes, benchmarks/results/*.json
   python -m benchmarks.run --quick --out /tmp/bench          # smoke
   python -m benchmarks.run --gpu --dtype bfloat16            # GPU sizes in bfloat16
   python -m benchmarks.run --only train_step_mlp --sizes 64,256 --rounds 11
+  python -m benchmarks.run --only lm_step --rounds 5          # the language-model step alone
 
 PyTorch is optional (``pip install -e '.[bench]'``); without it the PyTorch comparison is skipped with a note.
 """
@@ -17,9 +19,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from benchmarks import common, pipeline, train_step
+from benchmarks import common, lm_step, pipeline, train_step
 
-BENCHMARKS = ("train_step_mlp", "train_step_resnet", "pipeline")
+BENCHMARKS = ("train_step_mlp", "train_step_resnet", "pipeline", "lm_step")
 
 
 def run_all(
@@ -60,6 +62,11 @@ def run_all(
         with_torch=with_torch,
         out_dir=out_dir,
         log=log,
+      )
+    elif name == "lm_step":
+      # dtype as given (unlike `python -m benchmarks.lm_step --gpu`, which defaults to bfloat16).
+      results[name] = lm_step.run(
+        setting=setting, dtype=dtype, rounds=rounds, with_torch=with_torch, out_dir=out_dir, log=log
       )
     else:
       results[name] = pipeline.run(
