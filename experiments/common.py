@@ -473,7 +473,7 @@ def train_subrun(
   fingerprint = _fingerprint(inputs)
   run_dir = workdir / name
   result_path = run_dir / "result.json"
-  finished = _finished_or_set_aside(run_dir, name, fingerprint, inputs)
+  finished = finished_or_set_aside(run_dir, name, fingerprint, inputs)
   if finished is not None:
     return finished
   run_dir.mkdir(parents=True, exist_ok=True)
@@ -665,7 +665,7 @@ def _describe_dataset(dataset: Any) -> dict[str, Any]:
   }
 
 
-def _finished_or_set_aside(
+def finished_or_set_aside(
   run_dir: pathlib.Path, name: str, fingerprint: str, inputs: Mapping[str, Any]
 ) -> dict[str, Any] | None:
   """A finished sub-run's result when its fingerprint is ``fingerprint``; else None, after moving a stale one aside.
