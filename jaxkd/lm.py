@@ -167,6 +167,11 @@ def sparse_kd(
         f"the sparse_kd term reads {list(TOPK_KEYS)} from the batch, which has no {missing} (it has "
         f"{sorted(inputs.batch)}); join the token batches with the cache (jaxkd.topk_cache.JoinedSource)."
       )
+    if tail == "renormalize" and inputs.batch["teacher_topk_logits"].shape[-1] == 1:
+      raise ValueError(
+        "sparse_kd with k = 1 and tail='renormalize' is identically 0 (both distributions renormalised over one "
+        "token are the same point mass), so the student would train as from scratch: use tail='bucket'."
+      )
     return sparse_losses.sparse_kd_loss(
       inputs.student_logits,
       inputs.batch["teacher_topk_logits"],

@@ -196,6 +196,9 @@ def test_cache_mismatches_are_errors(pair):
   wrong_vocab = dict(batch, teacher_topk_indices=np.full_like(batch["teacher_topk_indices"], VOCAB + 3))
   with pytest.raises(ValueError, match=r"\[0, "):
     step(state, None, wrong_vocab)
+  top1 = _topk_batch(teacher, teacher_variables, _batch(seed=7), 1)
+  with pytest.raises(ValueError, match="tail='bucket'"):
+    step(state, None, top1)
   missing = {k: v for k, v in batch.items() if k != "teacher_topk_indices"}
   with pytest.raises(ValueError, match="teacher_topk_indices"):
     step(state, None, missing)
