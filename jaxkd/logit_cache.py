@@ -44,7 +44,6 @@ import math
 import os
 import re
 import types
-import uuid
 import zipfile
 import zlib
 from collections.abc import Callable, Mapping, Sequence
@@ -57,7 +56,7 @@ import numpy as np
 
 from jaxkd.data import normalize
 from jaxkd.datasets import ArrayDataset
-from jaxkd.utils import tree_fingerprint
+from jaxkd.utils import tree_fingerprint, write_atomically
 
 __all__ = [
   "cache_key",
@@ -356,17 +355,6 @@ def compute_teacher_logits(
   return np.concatenate([np.asarray(logits)[:num_real] for logits, num_real in outputs])
 
 
-def _write_atomically(path: str, write: Callable[[Any], None]) -> None:
-  tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-  try:
-    with open(tmp, "wb") as f:
-      write(f)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
 def _checksum(logits: np.ndarray) -> str:
   digest = hashlib.sha256(f"{logits.dtype.str}{logits.shape}".encode())
   digest.update(np.ascontiguousarray(logits).data)
@@ -484,6 +472,6 @@ def cached_teacher_logits(
     )
   # The description goes first and is only informational; the .npz (logits and their checksum) is what counts.
   metadata = json.dumps(description, sort_keys=True, indent=2, default=repr).encode()
-  _write_atomically(path[: -len(".npz")] + ".json", lambda f: f.write(metadata))
-  _write_atomically(path, lambda f: np.savez(f, logits=logits, sha256=np.array(_checksum(logits))))
+  write_atomically(path[: -len(".npz")] + ".json", lambda f: f.write(metadata))
+  write_atomically(path, lambda f: np.savez(f, logits=logits, sha256=np.array(_checksum(logits))))
   return logits

@@ -59,8 +59,7 @@ import logging
 import math
 import os
 import sysconfig
-import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import grain
@@ -71,6 +70,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from jaxkd.data import shard_bounds
 from jaxkd.datasets import DamagedDataError
+from jaxkd.utils import write_atomically
 
 __all__ = [
   "EXCLUDED_DIRS",
@@ -289,23 +289,9 @@ def _meta_path(path: str) -> str:
   return path + _META_SUFFIX
 
 
-def _write_atomically(path: str, write: Callable[[Any], None]) -> None:
-  directory = os.path.dirname(path)
-  if directory:
-    os.makedirs(directory, exist_ok=True)
-  tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-  try:
-    with open(tmp, "wb") as f:
-      write(f)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
 def _write_meta(path: str, meta: Mapping[str, Any]) -> None:
   text = json.dumps(dict(meta), sort_keys=True, indent=2).encode()
-  _write_atomically(_meta_path(path), lambda f: f.write(text))
+  write_atomically(_meta_path(path), lambda f: f.write(text))
 
 
 def _read_meta(path: str) -> dict[str, Any] | None:
@@ -422,7 +408,7 @@ def train_tokenizer(
     raise ValueError(f"{corpus!r} has no training file to train a tokenizer on.")
   tokenizer.train_from_iterator(corpus.texts("train"), trainer=trainer, length=len(files))
   text = tokenizer.to_str()
-  _write_atomically(path, lambda f: f.write(text.encode()))
+  write_atomically(path, lambda f: f.write(text.encode()))
   _write_meta(
     path,
     {
@@ -574,7 +560,7 @@ def tokenize_split(
     "separator_id": separator,
     "sha256": _array_sha256(tokens),
   }
-  _write_atomically(path, lambda f: np.save(f, tokens, allow_pickle=False))
+  write_atomically(path, lambda f: np.save(f, tokens, allow_pickle=False))
   _write_meta(path, meta)
   return _load_checked(path, meta)
 

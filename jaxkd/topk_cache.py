@@ -90,7 +90,6 @@ import operator
 import os
 import re
 import threading
-import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -100,6 +99,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxkd import sparse_losses
+from jaxkd.utils import write_atomically
 
 __all__ = [
   "JoinedSource",
@@ -300,17 +300,6 @@ class _HashingWriter:
     return self.f.write(data)
 
 
-def _write_atomically(path: str, write: Callable[[Any], None]) -> None:
-  tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-  try:
-    with open(tmp, "wb") as f:
-      write(f)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
 def _save_array(directory: str, name: str, array: np.ndarray) -> dict[str, Any]:
   """Writes ``array`` as ``.npy`` atomically; returns its file record (name, size, SHA-256, shape, dtype)."""
   writers = []
@@ -319,7 +308,7 @@ def _save_array(directory: str, name: str, array: np.ndarray) -> dict[str, Any]:
     writers.append(_HashingWriter(f))
     np.save(writers[-1], array, allow_pickle=False)
 
-  _write_atomically(os.path.join(directory, name), write)
+  write_atomically(os.path.join(directory, name), write)
   return {
     "file": name,
     "bytes": writers[-1].size,
@@ -331,7 +320,7 @@ def _save_array(directory: str, name: str, array: np.ndarray) -> dict[str, Any]:
 
 def _write_json(path: str, value: Any) -> None:
   encoded = json.dumps(value, indent=1, sort_keys=True).encode()
-  _write_atomically(path, lambda f: f.write(encoded))
+  write_atomically(path, lambda f: f.write(encoded))
 
 
 def _file_sha256(path: str) -> str:
