@@ -56,6 +56,7 @@ def test_quick_run_reports_every_variant(quick_run):
     "reverse_kl",
     "gjsd",
     "scratch_equal_time",
+    "scratch_cached_time",
   ]
   assert list(saved["runs"]) == names and list(saved["summary"]) == names
   targets = saved["windows"]["test_targets"]
@@ -66,8 +67,11 @@ def test_quick_run_reports_every_variant(quick_run):
     assert 0 <= result["test_agreement"] <= 1, name
     assert result["test_targets"] == targets, name  # every target of the test split, each once
     assert result["params"] == saved["params"]["student"]["params"]
-    assert result["num_steps"] == (saved["equal_time_steps"] if name == "scratch_equal_time" else 15)
-  assert saved["equal_time_steps"] >= 1
+    assert result["num_steps"] == saved["equal_time_steps"].get(name, 15)
+  assert set(saved["equal_time_steps"]) == {"scratch_equal_time", "scratch_cached_time"}
+  assert min(saved["equal_time_steps"].values()) >= 1
+  assert lm_distill.equal_time_references(config)["scratch_cached_time"] == "topk_k8"  # no k = 32 in quick mode
+  assert "At equal wall time, top-8 cache (bucket) is" in (workdir / "results.md").read_text()
   # The teacher trained 4x longer than the students; it is far ahead of them.
   assert saved["teacher"]["test_bits_per_byte"] < saved["runs"]["scratch"][0]["test_bits_per_byte"] - 0.1
   # k = 1 learns from the bucket tail; renormalised it would be scratch exactly (a zero KL).
@@ -91,20 +95,20 @@ def test_quick_run_reports_every_variant(quick_run):
   assert (workdir / "topk.png").stat().st_size > 1000
   table = (workdir / "results.md").read_text()
   assert "| model | steps | test bits/byte | agreement |" in table and "top-1 cache (bucket)" in table
-  assert "| top-8 cache (renormalize) |" in table
-  assert "top-8 cache (renormalize)" in stdout
+  assert "| top-8 cache (bucket) |" in table
+  assert "top-8 cache (bucket)" in stdout
 
 
 def test_rerun_skips_finished_subruns(quick_run, capsys):
   workdir, _ = quick_run
   before = read_results(workdir)
   logs = {path: path.read_text() for path in workdir.rglob("metrics.jsonl")}
-  assert len(logs) == 1 + 7  # the teacher and every student
+  assert len(logs) == 1 + 8  # the teacher and every student
 
   saved = lm_distill.run(quick_config(), workdir)
   out = capsys.readouterr().out
   assert "resumed" not in out and "stale" not in out
-  assert out.count("finished earlier with these inputs; reusing its result") == 1 + 7
+  assert out.count("finished earlier with these inputs; reusing its result") == 1 + 8
   assert {path: path.read_text() for path in workdir.rglob("metrics.jsonl")} == logs  # no step trained again
   assert json.loads(json.dumps(saved["runs"])) == before["runs"]
   assert json.dumps(saved["summary"]) == json.dumps(before["summary"]) and saved["cache"] == before["cache"]
