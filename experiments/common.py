@@ -139,6 +139,7 @@ POSITIVE_INT = Rule("an int >= 1", lambda v: _is_int(v) and v >= 1)
 NON_NEGATIVE_INT = Rule("an int >= 0", lambda v: _is_int(v) and v >= 0)
 SUBSET = Rule("an int >= 0 (0: all)", NON_NEGATIVE_INT.test)
 NAME = Rule("a non-empty string", lambda v: isinstance(v, str) and bool(v))
+BOOL = Rule("True or False", lambda v: isinstance(v, bool))
 PLACEMENT = Rule("'single', 'pmap', 'data_parallel' or 'shard_map'", _is_placement)
 
 
@@ -437,6 +438,8 @@ def train_subrun(
   meta: Mapping[str, Any] | None = None,
   checkpoint_every: int = 500,
   method: Any = None,
+  augment: Callable | None = None,
+  curve_every: float = 0.0,
 ) -> dict[str, Any]:
   """Trains one model (teacher, scratch student or distilled student) in ``workdir/name``; resumable.
 
@@ -452,11 +455,15 @@ def train_subrun(
   learns online from ``teacher_apply_fn`` by that method's loss terms (``loss_fn``,
   ``alpha`` unused; batches carry ``'index'``, whose largest value sets the number of
   rows of per-example term state such as CRD's memory bank); ``params`` then counts
-  the student alone, without its adapters.
+  the student alone, without its adapters. ``augment`` (:mod:`jaxkd.augment`) runs inside
+  the step, once, so a live teacher sees exactly the student's augmented view.
+  ``curve_every = E > 0`` also evaluates every eval set every E epochs of training (a
+  learning curve; training itself is unchanged).
 
   Returns:
     ``result.json``'s content: ``{split}_accuracy`` and ``{split}_errors`` per eval set,
-    ``num_steps``, ``train_seconds``, ``params`` and the inputs' ``fingerprint``.
+    ``num_steps``, ``train_seconds``, ``params`` and the inputs' ``fingerprint``; with
+    ``curve_every``, ``curve``: ``[{"epoch", "{split}_accuracy", "{split}_errors"}, ...]``.
   """
   # First, while the arguments are the only locals. A new argument must be added to subrun_inputs (or here to
   # _NOT_INPUTS), or this raises TypeError: nothing that changes a sub-run may escape its fingerprint.
@@ -517,7 +524,14 @@ def train_subrun(
     temperature=temperature,
     alpha=alpha,
     placement=placement,
+    augment=augment,
   )
+  curve_steps = max(1, int(round(curve_every * steps_per_epoch))) if curve_every > 0 else 0
+
+  def eval_fn(state):
+    metrics = _evaluate_splits(state, eval_sets, placement=placement, mean=mean, std=std)
+    return {key: value for key, value in metrics.items() if key != "params"}
+
   start = time.perf_counter()
   result = trainer.fit(
     state,
@@ -531,14 +545,30 @@ def train_subrun(
     config=config,
     meta=meta,
     progress=name,
+    eval_fn=eval_fn if curve_steps else None,
+    eval_every=curve_steps,
   )
   if result.preempted:
     raise SystemExit(143)
   train_seconds = time.perf_counter() - start
   out = {"fingerprint": fingerprint, "num_steps": num_steps, "train_seconds": train_seconds}
   out |= _evaluate_splits(result.state, eval_sets, placement=placement, mean=mean, std=std)
+  if curve_steps:
+    out["curve"] = learning_curve(run_dir / "metrics.jsonl", steps_per_epoch)
   write_json(result_path, out)
   return out
+
+
+def learning_curve(metrics_path: pathlib.Path, steps_per_epoch: int) -> list[dict[str, float]]:
+  """The ``eval_`` entries of a sub-run's ``metrics.jsonl`` by epoch; a step logged twice (a resumed run
+  evaluates its last step again) keeps its last entry."""
+  by_step: dict[int, dict[str, float]] = {}
+  for line in metrics_path.read_text().splitlines():
+    record = json.loads(line)
+    evals = {key.removeprefix("eval_"): value for key, value in record.items() if key.startswith("eval_")}
+    if evals:
+      by_step[int(record["step"])] = evals
+  return [{"epoch": step / steps_per_epoch, **by_step[step]} for step in sorted(by_step)]
 
 
 def _evaluate_splits(state: Any, eval_sets: Mapping[str, Any], *, placement: Any, mean: Any, std: Any) -> dict:
@@ -583,6 +613,8 @@ def subrun_inputs(
   config: Any = None,
   meta: Mapping[str, Any] | None = None,
   method: Any = None,
+  augment: Callable | None = None,
+  curve_every: float = 0.0,
 ) -> dict[str, Any]:
   """What determines a :func:`train_subrun` (its arguments but the placement and checkpoint interval), as JSON.
 
@@ -618,6 +650,11 @@ def subrun_inputs(
     "method": _describe(method) if method is not None else None,
     "config": config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config,
   }
+  # Only when set, so that the fingerprints of runs made before these arguments existed stay valid.
+  if augment is not None:
+    inputs["augment"] = _describe(augment)
+  if curve_every:
+    inputs["curve_every"] = float(curve_every)
   # One JSON round trip: tuples become lists, so what is compared is what the file holds.
   return json.loads(json.dumps(inputs, sort_keys=True, default=_to_python))
 

@@ -935,7 +935,7 @@ def write_report(
         difference = bpb(name)["mean"] - bpb(reference)["mean"]
         spread = max(bpb(name)["std"], bpb(reference)["std"])
         lines.append(
-          f"At equal wall time, {labels[reference]} is {difference:+.4f} bits/byte "
+          f"At equal wall time, {labels[reference]} is {abs(difference):.4f} bits/byte "
           f"{'below' if difference > 0 else 'above'} {labels[name]} "
           f"({'more' if abs(difference) > spread else 'NOT more'} than the seed spread {spread:.4f})."
         )
