@@ -48,13 +48,34 @@ def test_cnn_to_mlp_tiny(tiny_data, tmp_path):
     alphas=(0.9,),
     seeds=(0, 1),
     latency_repeats=2,
+    fm_epochs=2.0,
+    fm_sweep_epochs=1.0,
+    curve_every=1.0,
   )
   cnn_to_mlp.run(config, tmp_path)
-  for name in ["results.json", "results.md", "sweep.png", "accuracy.png", "teacher/metrics.jsonl"]:
+  for name in ["results.json", "results.md", "sweep.png", "accuracy.png", "patience.png", "teacher/metrics.jsonl"]:
     assert (tmp_path / name).exists(), name
   saved = read_results(tmp_path)
   assert set(saved) >= {"rows", "sweep", "best", "gap_closed", "teacher", "scratch", "distilled", "teacher_checkpoint"}
-  assert [row["model"].split()[0] for row in saved["rows"]] == ["teacher", "student", "student"]
+  assert [row["model"].split()[0] for row in saved["rows"]] == ["teacher", "student", "student,", "student", "student"]
+  fm = saved["function_matching"]
+  assert [row["temperature"] for row in fm["sweep"]] == [1.0, 2.0] and fm["temperature"] in (1.0, 2.0)
+  for run in fm["distilled"] + fm["scratch"]:
+    # The learning curve: both splits after each epoch; the last point is the run's final result.
+    assert [point["epoch"] for point in run["curve"]] == [1.0, 2.0]
+    assert run["curve"][-1]["test_errors"] == run["test_errors"]
+  assert [point["epoch"] for point in fm["curve"]] == [1.0, 2.0]
+  assert fm["baseline"] in fm["baselines"]
+  teacher_errors = saved["teacher"]["test_errors"]
+  baseline = fm["baselines"][fm["baseline"]]["mean"]
+  if baseline > teacher_errors:
+    expected = np.mean([(baseline - r["test_errors"]) / (baseline - teacher_errors) for r in fm["distilled"]])
+    np.testing.assert_allclose(fm["gap_closed"]["mean"], expected)
+  else:
+    assert fm["gap_closed"] is None  # no gap to close
+  inputs = json.loads((tmp_path / "function_matching" / f"T{fm['temperature']:g}_seed0" / "inputs.json").read_text())
+  assert "mixup" in inputs["inputs"]["augment"] and inputs["inputs"]["alpha"] == 1.0
+  assert "Function matching" in (tmp_path / "results.md").read_text()
   for row in saved["rows"]:
     assert row["params"] > 0 and row["flops_per_example"] > 0 and row["latency_b1_ms"] > 0
   assert len(saved["sweep"]) == 2 and len(saved["distilled"]) == 2
@@ -94,6 +115,7 @@ def test_cnn_to_mlp_reruns_what_a_config_change_made_stale(tiny_data, tmp_path, 
     alphas=(0.9,),
     seeds=(0,),
     latency_repeats=1,
+    function_matching=False,
   )
   cnn_to_mlp.run(config, tmp_path)
   teacher_log = (tmp_path / "teacher" / "metrics.jsonl").read_text()
