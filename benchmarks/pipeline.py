@@ -11,12 +11,17 @@ Measured, the compared variants in alternation (see :mod:`benchmarks.common`):
     scaled to an epoch: ``steps_per_epoch * seconds_per_step``;
   - ``epoch_cached``: a full epoch end to end, pipeline + offline step (cached teacher logits in the batch);
   - ``epoch_online``: a full epoch end to end, pipeline + online step (the teacher runs inside the step);
+  - ``epoch_fm``: function matching (Beyer et al. 2022): the online step with mixup computed inside it
+    (:func:`jaxkd.augment.mixup`, Beta(1, 1) per example) and KD only, the main job's function-matching arm;
   - ``epoch_scan``: ``epoch_cached`` with ``steps_per_call=STEPS_PER_CALL`` (``lax.scan`` over that many
     stacked batches per call, :func:`jaxkd.data.stack`), NumPy batches straight to the step.
 
   ``epoch_cached / step`` is what the pipeline costs on top of the step (target <= 1.10), ``epoch_scan / step``
   the same with several steps per call; ``epoch_online / epoch_cached`` is what running the teacher in every step
-  costs against reading cached logits.
+  costs against reading cached logits, ``epoch_fm / epoch_online`` what the on-device mixup adds to it (target
+  <= 1.10).
+
+``--teacher cnn`` uses the main job's CNN teacher (conv32-conv64-dense256) instead of the MLP 784-1200-1200-10.
 
 The teacher is randomly initialised (speed does not depend on its weights). Building the logit cache
 (:func:`jaxkd.logit_cache.cached_teacher_logits`, one teacher pass over the split) is timed once and reported.
@@ -45,10 +50,11 @@ import numpy as np
 import optax
 
 from benchmarks import common
+from jaxkd.augment import mixup
 from jaxkd.data import BatchIterator, DevicePrefetcher, stack
 from jaxkd.datasets import NORMALIZATION, ArrayDataset, load
 from jaxkd.logit_cache import cached_teacher_logits
-from jaxkd.models import MLP
+from jaxkd.models import CNN, MLP
 from jaxkd.placement import Placement, as_placement
 from jaxkd.state import create_train_state
 from jaxkd.train import make_train_step
@@ -131,6 +137,7 @@ def _time_student(
   scan_epochs: _Epochs,
   plain_epochs: _Epochs,
   online: tuple[Any, Any],
+  fm_step: Any,
   rounds: int,
   block_s: float,
   log: bool,
@@ -143,7 +150,7 @@ def _time_student(
   online_step, online_teacher = online
   tx = optax.adam(1e-3)
   example = cached_epochs.data.images[:1].astype(np.float32)
-  names = ("step", "cached", "online", "scan")
+  names = ("step", "cached", "online", "scan", "fm")
   states = {name: placement.put(create_train_state(student, tx, example, rng=0)) for name in names}
   with cached_epochs() as batches:
     held = next(batches)  # one batch on device, reused by the pure step
@@ -153,6 +160,7 @@ def _time_student(
   states["step"], _ = offline_step(states["step"], None, held)
   states["cached"], _ = offline_step(states["cached"], None, held)
   states["online"], _ = online_step(states["online"], online_teacher, held_plain)
+  states["fm"], _ = fm_step(states["fm"], online_teacher, held_plain)
   with scan_epochs() as batches:
     states["scan"], _ = scan_step(states["scan"], None, next(batches))
   jax.block_until_ready(states)
@@ -178,6 +186,7 @@ def _time_student(
     common.Variant("step", run_steps, warmup=1),
     epoch_variant("cached", cached_epochs, offline_step, None),
     epoch_variant("online", plain_epochs, online_step, online_teacher),
+    epoch_variant("fm", plain_epochs, fm_step, online_teacher),
     epoch_variant("scan", scan_epochs, scan_step, None),
   ]
   return common.interleave(variants, rounds=rounds, block_s=block_s, log=log)
@@ -194,6 +203,7 @@ def run(
   dataset: str = "fashion_mnist",
   out_dir: str | None = None,
   log: bool = False,
+  teacher: str = "mlp",
 ) -> dict[str, Any]:
   """Runs the pipeline benchmark, prints its tables and writes ``pipeline.json``.
 
@@ -207,6 +217,7 @@ def run(
     dataset: ``'fashion_mnist'`` (or ``'mnist'``), the training split; ``'synthetic'`` for random images.
     out_dir: where the JSON goes.
     log: print every round's times.
+    teacher: ``'mlp'`` (the setting's MLP teacher) or ``'cnn'`` (the main job's CNN teacher).
   """
   config = SETTINGS[setting]
   block_s = 0.01 if setting == "quick" else 1.0
@@ -224,7 +235,13 @@ def run(
     print(f"loaded {data!r} in {time.perf_counter() - start:.1f} s", flush=True)
     mean, std = NORMALIZATION[dataset]
 
-  teacher = MLP(config["teacher"], dtype=compute_dtype)
+  teacher_name = teacher
+  if teacher == "cnn":
+    teacher_description = "CNN conv32-conv64-dense256"
+    teacher = CNN(features=(32, 64), dense_size=256, num_classes=10, dropout_rate=0.3, dtype=compute_dtype)
+  else:
+    teacher_description = _describe(config["teacher"])
+    teacher = MLP(config["teacher"], dtype=compute_dtype)
   teacher_variables = common.host_variables(teacher, np.zeros((1, *data.images.shape[1:]), np.float32), seed=1)
   with tempfile.TemporaryDirectory() as cache_dir:
     start = time.perf_counter()
@@ -234,7 +251,7 @@ def run(
     cache_build_s = time.perf_counter() - start
   print(
     f"pipeline: {data.name} ({len(data)} examples), batch {batch_size}, placement={placement!r}, teacher "
-    f"{_describe(config['teacher'])}, {dtype}, {jax.local_device_count()} local device(s), {common.cpu_cores()} "
+    f"{teacher_description}, {dtype}, {jax.local_device_count()} local device(s), {common.cpu_cores()} "
     f"cores, {rounds} rounds; logit cache built in {cache_build_s:.1f} s",
     flush=True,
   )
@@ -282,10 +299,15 @@ def run(
     teacher_apply_fn=teacher.apply, temperature=TEMPERATURE, alpha=ALPHA, placement=placement
   )
   online = (online_step, placement.put(teacher_variables))
+  fm_step = make_train_step(
+    teacher_apply_fn=teacher.apply, temperature=1.0, alpha=1.0, placement=placement, augment=mixup(alpha=1.0)
+  )
   rows = []
   for hidden in students:
     student = MLP(hidden, dtype=compute_dtype)
-    timings = _time_student(student, placement, cached_epochs, scan_epochs, plain_epochs, online, rounds, block_s, log)
+    timings = _time_student(
+      student, placement, cached_epochs, scan_epochs, plain_epochs, online, fm_step, rounds, block_s, log
+    )
     # The scanned epoch covers whole groups of STEPS_PER_CALL steps only.
     scan_steps = steps_per_epoch // STEPS_PER_CALL * STEPS_PER_CALL
     step_epoch = [s * steps_per_epoch for s in timings.wall["step"]]
@@ -303,6 +325,8 @@ def run(
           timings.wall["epoch_scan"], [s * scan_steps for s in timings.wall["step"]]
         ),
         "online_over_cached": common.median_ratio(timings.wall["epoch_online"], timings.wall["epoch_cached"]),
+        "epoch_fm_s": statistics.median(timings.wall["epoch_fm"]),
+        "fm_over_online": common.median_ratio(timings.wall["epoch_fm"], timings.wall["epoch_online"]),
         "cached_epoch_over_step_cpu": common.median_ratio(
           timings.cpu["epoch_cached"], [s * steps_per_epoch for s in timings.cpu["step"]]
         ),
@@ -313,9 +337,10 @@ def run(
   columns = ["student", "step_rate_steps_s", "step_only_epoch_s", "epoch_cached_s", "cached_epoch_over_step"]
   columns += ["epoch_scan_s", "scan_epoch_over_step"]
   columns += ["cached_epoch_over_step_cpu", "epoch_online_s", "online_over_cached", "online_over_cached_cpu"]
+  columns += ["epoch_fm_s", "fm_over_online"]
   table = common.print_table(
     f"epochs on {data.name}, batch {batch_size}, {placement!r}, scan of {STEPS_PER_CALL} steps (target "
-    f"cached_epoch_over_step <= 1.10; "
+    f"cached_epoch_over_step <= 1.10, fm_over_online <= 1.10; teacher {teacher_description}; "
     f"_cpu: by process CPU time)",
     rows,
     columns,
@@ -328,7 +353,8 @@ def run(
     "placement": placement_name,
     "steps_per_call": STEPS_PER_CALL,
     "dtype": dtype,
-    "teacher": _describe(config["teacher"]),
+    "teacher": teacher_description,
+    "teacher_kind": teacher_name,
     "temperature": TEMPERATURE,
     "alpha": ALPHA,
     "rounds": rounds,
@@ -354,6 +380,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--rounds", type=int, default=None)
   parser.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
   parser.add_argument("--log", action="store_true", help="print every round's times")
+  parser.add_argument("--teacher", default="mlp", choices=("mlp", "cnn"), help="the teacher run online")
   args = parser.parse_args(argv)
   run(
     setting="quick" if args.quick else "gpu" if args.gpu else "cpu",
@@ -364,6 +391,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     dataset=args.dataset,
     out_dir=args.out,
     log=args.log,
+    teacher=args.teacher,
   )
 
 

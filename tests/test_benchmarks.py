@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import common, lm_step, run, train_step
+from benchmarks import common, lm_step, pipeline, run, train_step
 
 STEP_ROW_KEYS = {
   "batch",
@@ -36,6 +36,8 @@ PIPELINE_ROW_KEYS = {
   "step_only_epoch_s",
   "epoch_cached_s",
   "epoch_online_s",
+  "epoch_fm_s",
+  "fm_over_online",
   "cached_epoch_over_step",
   "online_over_cached",
 }
@@ -137,6 +139,14 @@ def test_quick_run_writes_every_result(tmp_path):
       _check_train_step(written)
     else:
       _check_pipeline(written)
+
+
+def test_pipeline_with_the_cnn_teacher_times_function_matching(tmp_path):
+  written = pipeline.run(setting="quick", teacher="cnn", out_dir=str(tmp_path))
+  assert written["teacher"].startswith("CNN") and written["teacher_kind"] == "cnn"
+  _check_pipeline(written)
+  for row in written["rows"]:
+    assert row["epoch_fm_s"] > 0 and row["fm_over_online"] > 0
 
 
 def test_lm_step_quick_run_writes_its_tables(tmp_path):
