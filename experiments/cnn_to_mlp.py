@@ -8,7 +8,15 @@ seeds. It reports, per model, test accuracy, parameters, FLOPs per example and
 measured CPU inference latency at batch 1 and 256, and the fraction of the
 scratch-to-teacher error gap that distillation closes.
 
-Reproduce the full run (37 minutes measured on 2 CPU cores shared with other jobs; 2026-11-29):
+It also trains function-matching students (Beyer et al. 2022): KD only, with the
+teacher run online inside the step on the student's own mixup view, T chosen on
+validation, beside a scratch student with the same mixup and epochs (the fair
+baseline), with test and validation errors every ``curve_every`` epochs
+(``patience.png``: the share of the gap closed against epochs). The gap is measured
+against the better of the two scratch students.
+
+Reproduce the full run (37 minutes measured on 2 CPU cores beside a test run, 2026-12-02; of which 15 minutes
+are the three 60-epoch function-matching students, whose online teacher makes an epoch 7-8x a cached one):
 
   python -m experiments.cnn_to_mlp --workdir workdir/cnn_to_mlp
 
@@ -21,7 +29,7 @@ checkpoints, when their inputs (model, data, settings, teacher) are those of thi
 a sub-run whose inputs changed, say with ``--config.student_hidden="(50,)"``, is moved
 aside to ``NAME.stale-N`` and trained again, and the changed inputs are printed.
 Outputs in the workdir: ``results.json``, ``results.md``, ``sweep.png``,
-``accuracy.png``, and per sub-run ``inputs.json``, ``metrics.jsonl`` and checkpoints.
+``accuracy.png``, ``patience.png``, and per sub-run ``inputs.json``, ``metrics.jsonl`` and checkpoints.
 """
 
 from __future__ import annotations
