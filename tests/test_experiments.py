@@ -258,4 +258,7 @@ def test_main_job_quick_on_real_fashion_mnist(tmp_path):
   # A CNN trained briefly on Fashion-MNIST is far above chance (10%); so is the MLP student.
   assert saved["teacher"]["test_accuracy"] > 0.75
   assert all(r["test_accuracy"] > 0.7 for r in saved["scratch"] + saved["distilled"])
-  assert "Distillation closes" in out.stdout
+  assert "Cached-logit distillation (4 epochs) closes" in out.stdout
+  assert "Function matching (KD only, teacher online on the same mixup view" in out.stdout
+  fm = saved["function_matching"]
+  assert all(r["test_accuracy"] > 0.7 for r in fm["distilled"] + fm["scratch"])
