@@ -29,15 +29,12 @@ and timings, cache bytes per token by the cache's formula and on disk against de
 bits/byte against k with dense KD and scratch as lines. The workdir also holds the tokenizer (``tokenizer.json``),
 the token files (``tokens/``), the cache (``topk_cache/``) and one directory per sub-run.
 
-Reproduce the full run (3 seeds). Its time is ESTIMATED, not measured end to end: about 80 minutes on 2 CPU cores
-without other jobs, from step times measured on such a machine with this code (2026-12-02, jax 0.10.2): a teacher
-step at batch 32 takes 2.1 s (so its 600 steps 21 minutes), student steps at batch 16 take 0.53 s from scratch,
-0.35 s from the cache, 0.87 s (forward KL), 0.95 s (reverse) and 1.2 s (GJSD) with the live teacher, so each seed's
-8 students of 150 steps take about 15 minutes plus 4 for their 8 evaluations of the 225k test tokens; the teacher's
-evaluation, the cache (2400 windows, 160 MB at k = 128) and the compilations add about 4. The calibrated sizes of
-/work/shared/CALIBRATION.md (teacher 830 steps, students 420) would take about 2 h 50 min here: its teacher step
-(0.8 s) is 2.6x faster than the 2.1 s measured here (1.85 s for a bare jax.value_and_grad step of the same
-model), so the steps are cut to fit 90 minutes. Another job on the same cores makes it slower, up to several times:
+Reproduce the full run (3 seeds): measured end to end from an empty workdir in 71 minutes on 2 CPU cores
+(2026-12-02, jax 0.10.2, partly beside test runs): the teacher's 300 steps at batch 32 took 13 minutes (2.6 s/step;
+2.1 s alone), each seed's 9 students of 100-177 steps about 18 minutes with their evaluations of the 229k test
+tokens, the cache (1600 windows, 106 MB at k = 128) 34 s. The calibrated sizes of /work/shared/CALIBRATION.md
+(teacher 830 steps, students 420) would take about 3 hours here (its teacher step, 0.8 s, is 2.6x faster than the
+one measured here), so the steps are cut to fit 90 minutes. Another job on the same cores makes it slower:
 
   python -m experiments.lm_distill --workdir workdir/lm_distill
 
