@@ -527,9 +527,11 @@ def train_subrun(
     augment=augment,
   )
   curve_steps = max(1, int(round(curve_every * steps_per_epoch))) if curve_every > 0 else 0
+  # One eval step for the curve's points and the final evaluation: a new one would compile again each time.
+  eval_step = train_lib.make_eval_step(placement=placement)
 
   def eval_fn(state):
-    metrics = _evaluate_splits(state, eval_sets, placement=placement, mean=mean, std=std)
+    metrics = _evaluate_splits(eval_step, state, eval_sets, mean=mean, std=std)
     return {key: value for key, value in metrics.items() if key != "params"}
 
   start = time.perf_counter()
@@ -552,7 +554,7 @@ def train_subrun(
     raise SystemExit(143)
   train_seconds = time.perf_counter() - start
   out = {"fingerprint": fingerprint, "num_steps": num_steps, "train_seconds": train_seconds}
-  out |= _evaluate_splits(result.state, eval_sets, placement=placement, mean=mean, std=std)
+  out |= _evaluate_splits(eval_step, result.state, eval_sets, mean=mean, std=std)
   if curve_steps:
     out["curve"] = learning_curve(run_dir / "metrics.jsonl", steps_per_epoch)
   write_json(result_path, out)
@@ -571,12 +573,10 @@ def learning_curve(metrics_path: pathlib.Path, steps_per_epoch: int) -> list[dic
   return [{"epoch": step / steps_per_epoch, **by_step[step]} for step in sorted(by_step)]
 
 
-def _evaluate_splits(state: Any, eval_sets: Mapping[str, Any], *, placement: Any, mean: Any, std: Any) -> dict:
+def _evaluate_splits(eval_step: Callable, state: Any, eval_sets: Mapping[str, Any], *, mean: Any, std: Any) -> dict:
   """``{split}_accuracy`` and ``{split}_errors`` per eval set, and the student's ``params``."""
-  from jaxkd import train as train_lib
   from jaxkd.models import count_params
 
-  eval_step = train_lib.make_eval_step(placement=placement)
   out: dict[str, Any] = {}
   for split, dataset in eval_sets.items():
     metrics = evaluate(eval_step, state, None, dataset, batch_size=1000, mean=mean, std=std)

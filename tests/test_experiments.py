@@ -262,3 +262,18 @@ def test_main_job_quick_on_real_fashion_mnist(tmp_path):
   assert "Function matching (KD only, teacher online on the same mixup view" in out.stdout
   fm = saved["function_matching"]
   assert all(r["test_accuracy"] > 0.7 for r in fm["distilled"] + fm["scratch"])
+
+
+def test_learning_curve_reads_eval_entries_by_epoch(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  records = [
+    {"step": 10, "time": 0.0, "loss": 1.0},  # a training summary: not a curve point
+    {"step": 20, "time": 1.0, "eval_test_errors": 50, "eval_test_accuracy": 0.5},
+    {"step": 40, "time": 2.0, "eval_test_errors": 40, "eval_test_accuracy": 0.6},
+    {"step": 40, "time": 3.0, "eval_test_errors": 30, "eval_test_accuracy": 0.7},  # evaluated again on a resume
+  ]
+  path.write_text("".join(json.dumps(r) + "\n" for r in records))
+  assert common.learning_curve(path, steps_per_epoch=20) == [
+    {"epoch": 1.0, "test_errors": 50, "test_accuracy": 0.5},
+    {"epoch": 2.0, "test_errors": 30, "test_accuracy": 0.7},
+  ]
