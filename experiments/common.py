@@ -217,6 +217,28 @@ def mean_std(values: Iterable[float]) -> dict[str, float]:
   }
 
 
+def paired_difference(values: Sequence[float], reference: Sequence[float]) -> dict[str, Any]:
+  """Per-seed differences ``values[i] - reference[i]`` (the same seed's runs), their mean, std and a verdict.
+
+  Runs of one seed share initialisation and data order, so their difference removes most of the seed-to-seed
+  variation that an unpaired mean ± std comparison would count twice. The verdict is ``'above'`` or ``'below'``
+  when every seed's difference has the same sign and the mean difference exceeds the differences' own standard
+  deviation, ``'tie'`` otherwise, and ``None`` for a single seed (no spread to compare with).
+  """
+  if len(values) != len(reference) or not values:
+    raise ValueError(
+      f"paired_difference needs one value per seed on both sides, got {len(values)} and {len(reference)}"
+    )
+  differences = [float(v) - float(r) for v, r in zip(values, reference, strict=True)]
+  stats = mean_std(differences)
+  verdict = None
+  if len(differences) > 1:
+    same_sign = all(d > 0 for d in differences) or all(d < 0 for d in differences)
+    beyond = same_sign and abs(stats["mean"]) > stats["std"]
+    verdict = ("above" if stats["mean"] > 0 else "below") if beyond else "tie"
+  return {**stats, "differences": differences, "verdict": verdict}
+
+
 def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
   """A GitHub-markdown table; floats get 4 decimals (1 from 100 up), mean/std dicts print as ``m ± s``."""
   if not rows:

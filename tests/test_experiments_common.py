@@ -29,6 +29,20 @@ def test_markdown_table():
     common.markdown_table([])
 
 
+def test_paired_difference():
+  # Seeds move both arms together: unpaired, 0.90 ± 0.01 vs 0.89 ± 0.01 overlap; paired, every seed is +0.01.
+  above = common.paired_difference([0.90, 0.91, 0.89], [0.89, 0.90, 0.88])
+  assert above["mean"] == pytest.approx(0.01) and above["std"] == pytest.approx(0.0, abs=1e-12)
+  assert above["differences"] == pytest.approx([0.01, 0.01, 0.01]) and above["verdict"] == "above"
+  assert common.paired_difference([0.88, 0.89], [0.90, 0.905])["verdict"] == "below"
+  # Mixed signs, or a mean inside the differences' spread, is a tie.
+  assert common.paired_difference([0.91, 0.89, 0.90], [0.90, 0.90, 0.90])["verdict"] == "tie"
+  assert common.paired_difference([0.901, 0.95, 0.902], [0.90, 0.90, 0.90])["verdict"] == "tie"
+  assert common.paired_difference([0.9], [0.8])["verdict"] is None
+  with pytest.raises(ValueError, match="one value per seed on both sides, got 2 and 3"):
+    common.paired_difference([0.9, 0.9], [0.9, 0.9, 0.9])
+
+
 def test_plots_are_png(tmp_path):
   common.plot_lines(
     tmp_path / "a.png", {"w=30": ([1, 2, 4], [0.5, 0.6, 0.55])}, xlabel="T", ylabel="acc", hlines={"teacher": 0.7}

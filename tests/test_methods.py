@@ -476,6 +476,7 @@ def test_methods_experiment_tiny(tmp_path_factory, tmp_path):
   config.teacher_epochs = config.student_epochs = 0.5
   config.methods = ("kd", "crd")
   config.crd_negatives = 16
+  config.seeds = (0, 1)
   experiment.run(config, tmp_path)
   for name in ["results.json", "results.md", "methods.png", "crd/seed0/metrics.jsonl"]:
     assert (tmp_path / name).exists(), name
@@ -487,6 +488,15 @@ def test_methods_experiment_tiny(tmp_path_factory, tmp_path):
   assert {r["params"] for m in saved["methods"].values() for r in m["runs"]} == {
     saved["methods"]["kd"]["runs"][0]["params"]
   }
+  # Differences are paired by seed: CRD's to KD is its per-seed accuracy minus KD's, with a verdict.
+  crd, kd = saved["methods"]["crd"], saved["methods"]["kd"]
+  expected = [c["test_accuracy"] - k["test_accuracy"] for c, k in zip(crd["runs"], kd["runs"], strict=True)]
+  assert crd["vs_kd"]["differences"] == pytest.approx(expected) and len(expected) == 2
+  assert crd["vs_kd"]["verdict"] in ("above", "below", "tie") and "vs_kd" not in kd
+  assert kd["vs_scratch"]["verdict"] in ("above", "below", "tie")
+  report = (tmp_path / "results.md").read_text()
+  assert "| vs_kd | published_vs_kd |" in report and "+2.18 (above)" in report
+  assert "Against the published ordering" in report and f"here {crd['vs_kd']['verdict']}" in report
   logged = (tmp_path / "crd" / "seed0" / "metrics.jsonl").read_text()
   assert '"loss/crd"' in logged and '"loss/ce"' in logged
   before = logged
