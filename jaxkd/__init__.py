@@ -1,6 +1,18 @@
 """jaxkd: knowledge distillation in JAX and Flax."""
 
-from jaxkd import crd, distributed, evaluation, features, hooks, lm, methods, objective, relations, transformer
+from jaxkd import (
+  crd,
+  distributed,
+  evaluation,
+  features,
+  hooks,
+  lm,
+  methods,
+  objective,
+  relations,
+  sharding,
+  transformer,
+)
 from jaxkd.losses import (
   dist_loss,
   distillation_loss,
@@ -50,6 +62,7 @@ __all__ = [
   "objective",
   "relations",
   "reverse_kl_loss",
+  "sharding",
   "soft_cross_entropy",
   "sparse_kd_loss",
   "standardize_logits",

@@ -145,7 +145,7 @@ class StepChecker:
 
   def _warn_unsynchronised_batch_stats(self, model: modeling.Model, variables: PyTree, batch) -> None:
     """Warns once when BatchNorm statistics will be per device: the numbers then depend on the batch split."""
-    shards = self.placement.mesh.size
+    shards = self.placement.data_size
     if shards == 1 or "batch_stats" not in variables:
       return
     axis = self.placement.data_axis

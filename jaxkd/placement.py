@@ -11,6 +11,12 @@ It is built on a :class:`jax.sharding.Mesh` with a data-parallel axis (``'data'`
   axis of size one (and are skipped, see :func:`psum`).
 * :meth:`Placement.pmap`: ``jax.pmap`` over this process's devices, the design's pmap-sharded step. State and
   teacher carry a leading device axis (:meth:`put` does that), batches are split ``[devices, per_device, ...]``.
+* :meth:`Placement.sharded`: a 2-D mesh ``('data', 'model')``. Batches are split along ``'data'`` as above;
+  :meth:`put` splits parameters (and optimizer states) over ``'model'`` by partition rules
+  (:mod:`jaxkd.sharding`: FSDP-style by default), optionally casting them (a frozen teacher in bfloat16). The
+  step is ``jax.shard_map`` manual over ``'data'`` only: inside the body the model axis is automatic, so XLA
+  gathers each split weight where it is used and every device holds ``1/model`` of each split array. Outputs keep
+  the state's shardings, so the step compiles once.
 
 Every mode takes the same inputs: a flat batch ``{key: [batch, ...]}`` of this process's rows (NumPy or JAX arrays),
 the state and teacher variables placed with :meth:`put`; :meth:`to_host` brings results back. The per-device step
@@ -36,6 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from jaxkd import sharding as sharding_lib
 
 __all__ = ["Placement", "as_placement", "psum", "pmean_inexact"]
 
@@ -70,20 +78,37 @@ class Placement:
   Make one with :meth:`data_parallel` (default), :meth:`single` or :meth:`pmap`.
 
   Attributes:
-    mesh: the device mesh; ``(data_axis,)`` is its only axis.
+    mesh: the device mesh: ``(data_axis,)``, or ``(data_axis, model_axis)`` for :meth:`sharded`.
     data_axis: the data-parallel axis name; synchronised BatchNorm layers should name it.
+    model_axis: the axis parameters are split over (None: every device holds whole copies).
+    rules: the default partition rules of :meth:`put` (None: FSDP-style, see :mod:`jaxkd.sharding`).
     use_pmap: True for the ``jax.pmap`` adapter.
   """
 
-  def __init__(self, mesh: Mesh, *, data_axis: str = "data", use_pmap: bool = False):
-    if tuple(mesh.axis_names) != (data_axis,):
+  def __init__(
+    self,
+    mesh: Mesh,
+    *,
+    data_axis: str = "data",
+    model_axis: str | None = None,
+    rules: sharding_lib.Rules | None = None,
+    use_pmap: bool = False,
+  ):
+    expected = (data_axis,) if model_axis is None else (data_axis, model_axis)
+    if tuple(mesh.axis_names) != expected:
       raise ValueError(
-        f"a Placement needs a 1-D mesh whose axis is the data axis {data_axis!r}, got axes {tuple(mesh.axis_names)}."
+        f"a Placement needs a mesh with axes {expected} (data axis {data_axis!r}"
+        + (f", model axis {model_axis!r}" if model_axis else "")
+        + f"), got axes {tuple(mesh.axis_names)}."
       )
+    if use_pmap and model_axis is not None:
+      raise ValueError("pmap replicates parameters on every device; use Placement.sharded for a model axis.")
     if use_pmap and any(d.process_index != jax.process_index() for d in mesh.devices.flat):
       raise ValueError("a pmap Placement holds this process's devices only (pmap joins the processes itself).")
     self.mesh = mesh
     self.data_axis = data_axis
+    self.model_axis = model_axis
+    self.rules = rules
     self.use_pmap = use_pmap
     self._replicated = NamedSharding(mesh, P())
     self._sharded = NamedSharding(mesh, P(data_axis))
@@ -109,7 +134,36 @@ class Placement:
     """``jax.pmap`` over this process's devices (default: all local devices)."""
     return cls(Mesh(np.array(devices or jax.local_devices()), (data_axis,)), data_axis=data_axis, use_pmap=True)
 
+  @classmethod
+  def sharded(
+    cls,
+    model: int,
+    *,
+    devices: Sequence[jax.Device] | None = None,
+    rules: sharding_lib.Rules | None = None,
+    data_axis: str = "data",
+    model_axis: str = "model",
+  ) -> Placement:
+    """A ``(data, model)`` mesh of all devices (default) with ``model`` devices per model group.
+
+    Consecutive devices form a model group, so with several processes each group stays within one process's
+    devices (the fast links) when ``model`` divides a process's device count. ``rules`` are the default partition
+    rules of :meth:`put` (None: FSDP-style, :mod:`jaxkd.sharding`).
+    """
+    devices = list(devices or jax.devices())
+    if not isinstance(model, int) or model < 1 or len(devices) % model:
+      raise ValueError(
+        f"model={model!r} must be an int >= 1 that divides the {len(devices)} devices; the data axis gets the rest."
+      )
+    mesh = Mesh(np.array(devices).reshape(len(devices) // model, model), (data_axis, model_axis))
+    return cls(mesh, data_axis=data_axis, model_axis=model_axis, rules=rules)
+
   def __repr__(self) -> str:
+    if self.model_axis is not None:
+      return (
+        f"Placement.sharded({self.data_size} x {self.mesh.shape[self.model_axis]} devices, "
+        f"axes=({self.data_axis!r}, {self.model_axis!r}))"
+      )
     kind = "pmap" if self.use_pmap else ("single" if self.mesh.size == 1 else "data_parallel")
     return f"Placement.{kind}({self.mesh.size} devices, data_axis={self.data_axis!r})"
 
@@ -121,18 +175,38 @@ class Placement:
     return [d for d in self.mesh.devices.flat if d.process_index == jax.process_index()]
 
   @property
+  def data_size(self) -> int:
+    """How many ways a global batch is split (the data axis's size)."""
+    return int(self.mesh.shape[self.data_axis])
+
+  @property
   def local_shards(self) -> int:
-    """How many ways this process's rows of a batch are split."""
-    return len(self.local_devices)
+    """How many ways this process's rows of a batch are split (its devices' distinct places on the data axis)."""
+    if self.model_axis is None:
+      return len(self.local_devices)
+    data_dim = self.mesh.axis_names.index(self.data_axis)
+    local = {
+      index[data_dim]
+      for index in np.ndindex(self.mesh.devices.shape)
+      if self.mesh.devices[index].process_index == jax.process_index()
+    }
+    return len(local)
 
   # --------------------------------------------------------------------------------------------------- compiling
 
   def wrap(
-    self, body: Callable, *, donate_state: bool, batched_argnums: Sequence[int] = (2,), stacked: bool = False
+    self,
+    body: Callable,
+    *,
+    donate_state: bool,
+    batched_argnums: Sequence[int] = (2,),
+    stacked: bool = False,
+    returns_state: bool = False,
   ) -> Callable:
     """Compiles the per-device ``body(*args)``: arguments in ``batched_argnums`` are split along the data axis
     (their axis 1 when ``stacked``: ``[steps, batch, ...]``), the others replicated; outputs are replicated
-    (identical on every device)."""
+    (identical on every device). With a model axis, non-batched arguments keep the shardings :meth:`put` gave them
+    and, when ``returns_state``, the body's first output (the new state) keeps the first argument's."""
     batched = set(batched_argnums)
     batch_spec = P(None, self.data_axis) if stacked else P(self.data_axis)
     donate = (0,) if donate_state else ()
@@ -146,19 +220,37 @@ class Placement:
       specs = tuple(batch_spec if i in batched else P() for i in range(len(args)))
       # check_vma=False keeps pmap's semantics for the body's explicit collectives: with check_vma=True autodiff
       # already sums the gradients of replicated params over the axis, and the body's psum would count them twice.
-      mapped = jax.shard_map(body, mesh=self.mesh, in_specs=specs, out_specs=P(), check_vma=False)
+      # With a model axis only the data axis is manual: the model axis stays XLA's, which gathers split weights.
+      manual = frozenset({self.data_axis}) if self.model_axis is not None else frozenset()
+      mapped = jax.shard_map(body, mesh=self.mesh, in_specs=specs, out_specs=P(), axis_names=manual, check_vma=False)
       return mapped(*args)
 
-    return jax.jit(compiled, donate_argnums=donate)
+    if self.model_axis is None:
+      return jax.jit(compiled, donate_argnums=donate)
+    return _KeepStateSharding(compiled, donate, self._replicated, returns_state)
 
   # --------------------------------------------------------------------------------------------------- placing
 
-  def put(self, tree: PyTree) -> PyTree:
-    """Replicates state or teacher variables onto the placement's devices (always a copy).
+  def put(self, tree: PyTree, *, rules: sharding_lib.Rules | None = None, dtype: Any = None) -> PyTree:
+    """Places state or teacher variables on the placement's devices (always a copy).
 
-    pmap: every leaf gets a leading axis of size ``local_shards``; otherwise ``NamedSharding(mesh, P())``. Each
-    device receives its own copy directly (no stack is built on one device first); typed PRNG keys work.
+    pmap: every leaf gets a leading axis of size ``local_shards``; with a model axis, each leaf is split by the
+    partition rules (``rules``, else the placement's, else FSDP-style; :mod:`jaxkd.sharding`); otherwise
+    ``NamedSharding(mesh, P())``. Each device receives its own copy directly (no stack is built on one device
+    first); typed PRNG keys work.
+
+    Args:
+      tree: a train state or variables, on the host or on devices.
+      rules: partition rules for this tree (a model axis only).
+      dtype: cast floating leaves to this dtype first, e.g. ``jnp.bfloat16`` for a frozen teacher (which keeps no
+        optimizer state; a student's state keeps its float32 master weights).
     """
+    if rules is not None and self.model_axis is None:
+      raise ValueError(f"partition rules need a model axis; {self!r} has none (use Placement.sharded).")
+    if dtype is not None:
+      tree = jax.tree.map(lambda x: _cast_floating(x, dtype), tree)
+    if self.model_axis is not None:
+      return self._put_sharded(tree, rules if rules is not None else self.rules)
     if self.use_pmap:
       devices = self.local_devices
       sharding = NamedSharding(Mesh(np.array(devices), (self.data_axis,)), P(self.data_axis))
@@ -179,6 +271,26 @@ class Placement:
       return jax.make_array_from_single_device_arrays(leaf.shape, self._replicated, copies)
 
     return jax.tree.map(put_replicated, tree)
+
+  def _put_sharded(self, tree: PyTree, rules: sharding_lib.Rules | None) -> PyTree:
+    specs = sharding_lib.partition_specs(
+      tree, axis_sizes=dict(self.mesh.shape), model_axis=self.model_axis, rules=rules
+    )
+
+    def put_leaf(leaf: Any, spec: P) -> jax.Array:
+      leaf = _host_array(leaf)
+      if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        devices = self._replicated.addressable_devices_indices_map(leaf.shape)
+        copies = [jax.device_put(leaf, device, may_alias=False) for device in devices]
+        return jax.make_array_from_single_device_arrays(leaf.shape, self._replicated, copies)
+      sharding = NamedSharding(self.mesh, spec)
+      if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        return jax.device_put(leaf, sharding)  # already global: reshard on device
+      host = np.asarray(leaf)
+      # Each device gets its own slice of the host value (no full copy on any device); works across processes.
+      return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(put_leaf, tree, specs)
 
   def is_placed_batch(self, batch: Mapping[str, Any], *, stacked: bool = False) -> bool:
     """True when every entry already has the layout :meth:`put_batch` gives (with the same ``stacked``)."""
@@ -257,8 +369,19 @@ class Placement:
     return jax.tree.map(first, tree)
 
   def to_host(self, tree: PyTree) -> PyTree:
-    """NumPy copies of a replicated output (state, metrics, eval sums)."""
-    return jax.device_get(self.unreplicate(tree))
+    """NumPy copies of a replicated or model-sharded output (state, metrics, eval sums).
+
+    A leaf split over devices of several processes is gathered from all of them first (every process must call).
+    """
+
+    def gathered(leaf: Any) -> Any:
+      if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable and not leaf.is_fully_replicated:
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(leaf, tiled=True)
+      return leaf
+
+    return jax.device_get(jax.tree.map(gathered, self.unreplicate(tree)))
 
   # ------------------------------------------------------------------------------------------------ input checks
 
@@ -281,7 +404,7 @@ class Placement:
     else:
       axis = 1 if stacked else 0
       # Rows of this process split over its devices, or a global array split over the whole mesh.
-      shards = self.mesh.size if placed else self.local_shards
+      shards = self.data_size if placed else self.local_shards
       shape = (*shape[:axis], shape[axis] // shards, *shape[axis + 1 :])
     if stacked:
       shape = shape[1:]
@@ -298,6 +421,46 @@ class Placement:
           f"pmap needs {name} replicated over the {n} local devices (leading axis {n}), got a leaf of shape "
           f"{tuple(np.shape(leaf))}; use placement.put({name})."
         )
+
+
+def _cast_floating(leaf: Any, dtype: Any) -> Any:
+  leaf_dtype = getattr(leaf, "dtype", None)
+  if leaf_dtype is None or jax.dtypes.issubdtype(leaf_dtype, jax.dtypes.prng_key):
+    return leaf
+  if not jnp.issubdtype(leaf_dtype, jnp.floating):
+    return leaf
+  return leaf.astype(dtype) if isinstance(leaf, jax.Array) else np.asarray(leaf).astype(dtype)
+
+
+class _KeepStateSharding:
+  """``jax.jit`` of a partly manual ``shard_map`` whose outputs keep the shardings the inputs came with.
+
+  XLA would otherwise choose the new state's layout itself, and the next step, seeing other input shardings,
+  would compile again. One jit per input layout: the state's shardings become its output shardings.
+  """
+
+  def __init__(self, fn: Callable, donate: tuple[int, ...], replicated: NamedSharding, returns_state: bool):
+    self._fn, self._donate, self._replicated, self._returns_state = fn, donate, replicated, returns_state
+    self._jitted: dict[Any, Callable] = {}
+
+  def _for(self, args: tuple) -> Callable:
+    if not self._returns_state:
+      key = None
+      out_shardings: Any = self._replicated
+    else:
+      shardings = jax.tree.map(lambda x: getattr(x, "sharding", self._replicated), args[0])
+      leaves, treedef = jax.tree.flatten(shardings)
+      key = (treedef, tuple(leaves))
+      out_shardings = (shardings, self._replicated)
+    if key not in self._jitted:
+      self._jitted[key] = jax.jit(self._fn, donate_argnums=self._donate, out_shardings=out_shardings)
+    return self._jitted[key]
+
+  def __call__(self, *args: Any) -> Any:
+    return self._for(args)(*args)
+
+  def lower(self, *args: Any) -> Any:
+    return self._for(args).lower(*args)
 
 
 def as_placement(placement: Placement | str | None) -> Placement:

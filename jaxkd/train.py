@@ -568,7 +568,7 @@ class TrainStep(_Step):
     body = _bind(_train_body, spec)
     if steps_per_call > 1:
       body = _scanned(body)
-    compiled = placement.wrap(body, donate_state=donate, stacked=steps_per_call > 1)
+    compiled = placement.wrap(body, donate_state=donate, stacked=steps_per_call > 1, returns_state=True)
     super().__init__(spec, placement, compiled, stacked=steps_per_call > 1)
     self.objective = spec.objective
     self.skip_nonfinite = spec.skip_nonfinite
