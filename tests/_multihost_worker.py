@@ -3,7 +3,8 @@
 Run as ``python tests/_multihost_worker.py OUT.npz`` with ``JAXKD_COORDINATOR_ADDRESS``,
 ``JAXKD_NUM_PROCESSES`` and ``JAXKD_PROCESS_ID`` set. Each process gets 2 CPU devices,
 feeds its own rows of fixed global batches to the pmap and the shard_map step, and
-writes the final student params (and eval sums) to OUT.npz. Both placements get flat rows. The test imports
+writes the final student params (and eval sums) to OUT.npz; a third run splits teacher and state over a
+(data 2, model 2) mesh. Both placements get flat rows. The test imports
 :func:`setup` and :func:`global_batches` from here so that its one-process reference
 run uses the same model, optimizer and data.
 """
@@ -111,6 +112,19 @@ def main(out_path: str) -> None:
     sm_state, _ = step(sm_state, sm_teacher, distributed.assemble_batch(local, placement))
   final = placement.to_host({"params": sm_state.params, "batch_stats": sm_state.batch_stats})
   results.update(flatten("shard_map", final))
+
+  # sharded: a (data 2, model 2) mesh, each process's two devices one model group; teacher and student state split
+  # over the model axis (FSDP default), each process feeding its own rows along the data axis.
+  placement = Placement.sharded(2)
+  assert placement.local_shards == 1
+  step = train.make_train_step(placement=placement, **step_kwargs)
+  sh_state, sh_teacher = placement.put(state), placement.put(teacher_variables)
+  kernel = sh_teacher["params"]["Dense_0"]["kernel"]
+  assert kernel.addressable_shards[0].data.size * 2 == kernel.size, "the teacher must be split over the model axis"
+  for batch in batches:
+    sh_state, _ = step(sh_state, sh_teacher, distributed.assemble_batch(distributed.process_rows(batch), placement))
+  final = placement.to_host({"params": sh_state.params, "batch_stats": sh_state.batch_stats})
+  results.update(flatten("sharded", final))
 
   np.savez(out_path, **results)
 

@@ -84,7 +84,7 @@ def test_two_processes_match_one_process(tmp_path):
     got = dict(np.load(out))
     # Every example of the global batch is counted once, across both processes.
     assert int(got.pop("pmap/eval_count")) == worker.GLOBAL_BATCH
-    for mode in ("pmap", "shard_map"):
+    for mode in ("pmap", "shard_map", "sharded"):
       for name, expected in reference.items():
         key = name.replace("ref/", f"{mode}/", 1)
         np.testing.assert_allclose(got[key], expected, atol=1e-5, err_msg=f"{out.name}: {key}")
