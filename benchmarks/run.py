@@ -8,6 +8,7 @@ About 2.5 minutes on 2 quiet CPU cores (6 under heavy load) without ``lm_step``,
   python -m benchmarks.run --gpu --dtype bfloat16            # GPU sizes in bfloat16
   python -m benchmarks.run --only train_step_mlp --sizes 64,256 --rounds 11
   python -m benchmarks.run --only lm_step --rounds 5          # the language-model step alone
+  python -m benchmarks.sharded                                # sharded teacher and sampler on 4 fake CPU devices
 
 PyTorch is optional (``pip install -e '.[bench]'``); without it the PyTorch comparison is skipped with a note.
 """
@@ -19,9 +20,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from benchmarks import common, lm_step, pipeline, train_step
+from benchmarks import common, lm_step, pipeline, sharded, train_step
 
-BENCHMARKS = ("train_step_mlp", "train_step_resnet", "pipeline", "lm_step")
+BENCHMARKS = ("train_step_mlp", "train_step_resnet", "pipeline", "lm_step", "sharded")
 
 
 def run_all(
@@ -68,6 +69,9 @@ def run_all(
       results[name] = lm_step.run(
         setting=setting, dtype=dtype, rounds=rounds, with_torch=with_torch, out_dir=out_dir, log=log
       )
+    elif name == "sharded":
+      # Model splits need several devices: under benchmarks.run only those XLA_FLAGS gave (see benchmarks.sharded).
+      results[name] = sharded.run(setting=setting, rounds=rounds, out_dir=out_dir, log=log)
     else:
       results[name] = pipeline.run(
         setting=setting, placement=placement, dtype=dtype, rounds=rounds, out_dir=out_dir, log=log

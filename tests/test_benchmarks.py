@@ -127,7 +127,7 @@ def _check_lm_step(written):
 def test_quick_run_writes_every_result(tmp_path):
   # One test, not a module fixture shared by several: under pytest-xdist each worker would rerun the fixture.
   # lm_step runs in its own test below (as run_all runs it), so that `-k lm` selects it.
-  only = [name for name in run.BENCHMARKS if name != "lm_step"]
+  only = [name for name in run.BENCHMARKS if name not in ("lm_step", "sharded")]
   results = run.run_all(setting="quick", only=only, with_torch=False, out_dir=str(tmp_path))
   assert set(results) == set(only)
   for name in only:
@@ -157,6 +157,24 @@ def test_lm_step_quick_run_writes_its_tables(tmp_path):
   assert written["environment"]["local_device_count"] == jax.local_device_count()
   assert written["table"].startswith("| ")
   _check_lm_step(written)
+
+
+def test_sharded_quick_run_writes_its_tables(tmp_path):
+  from benchmarks import sharded
+
+  results = run.run_all(setting="quick", only=["sharded"], out_dir=str(tmp_path))
+  written = json.loads((tmp_path / "sharded.json").read_text())
+  assert written == json.loads(json.dumps(sharded.common._jsonable(results["sharded"])))
+  rows = {row["placement"]: row for row in written["rows"]}
+  assert set(rows) == {"replicated", "model2", "model4", "model4_bf16"}  # the tests' 4 fake devices
+  whole = rows["replicated"]["teacher_mb_per_device"]
+  for name, ways in (("model2", 2), ("model4", 4), ("model4_bf16", 8)):
+    assert rows[name]["teacher_mb_per_device"] == pytest.approx(whole / ways, rel=0.05), name
+    assert rows[name]["tokens_per_s"] > 0 and rows[name]["vs_replicated"] > 0
+  assert rows["model4"]["argument_mb"] < rows["replicated"]["argument_mb"]
+  samplers = {row["sampler"]: row for row in written["sampler_rows"]}
+  assert set(samplers) == {"kv_cache", "no_cache"} and all(row["same_tokens"] for row in samplers.values())
+  assert written["table"].startswith("| ") and written["sampler_table"].startswith("| ")
 
 
 def test_lm_step_gpu_models_have_the_documented_sizes():
