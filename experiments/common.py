@@ -499,7 +499,7 @@ def train_subrun(
   from jaxkd.placement import as_placement
 
   placement = as_placement(placement)
-  fingerprint = _fingerprint(inputs)
+  fingerprint = inputs_fingerprint(inputs)
   run_dir = workdir / name
   result_path = run_dir / "result.json"
   finished = finished_or_set_aside(run_dir, name, fingerprint, inputs)
@@ -681,7 +681,8 @@ def subrun_inputs(
   return json.loads(json.dumps(inputs, sort_keys=True, default=_to_python))
 
 
-def _fingerprint(inputs: Mapping[str, Any]) -> str:
+def inputs_fingerprint(inputs: Mapping[str, Any]) -> str:
+  """The SHA-256 (first 32 hex digits) of a sub-run's JSON inputs: what decides whether a finished run is reused."""
   return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:32]
 
 

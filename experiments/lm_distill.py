@@ -301,10 +301,6 @@ def topk_batches(windows: StudentWindows, cache: Any, *, k: int, batch_size: int
 # ---------------------------------------------------------------- sub-runs
 
 
-def _fingerprint(inputs: Mapping[str, Any]) -> str:
-  return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:32]
-
-
 def _describe_module(module: Any) -> dict[str, str]:
   fields = [f.name for f in dataclasses.fields(module) if f.name not in ("parent", "name")]
   return {"class": type(module).__qualname__} | {name: repr(getattr(module, name)) for name in fields}
@@ -439,7 +435,7 @@ def lm_subrun(
     steps, compilation left out) over all calls of fit, and the inputs' ``fingerprint``.
   """
   inputs = json.loads(json.dumps(inputs, sort_keys=True))
-  fingerprint = _fingerprint(inputs)
+  fingerprint = common.inputs_fingerprint(inputs)
   run_dir = workdir / name
   # The bookkeeping of common.train_subrun: reuse a finished run, keep an unfinished one, set aside a stale one.
   finished = common.finished_or_set_aside(run_dir, name, fingerprint, inputs)

@@ -179,3 +179,52 @@ def test_bad_batches_are_clear_errors(models):
     completions({"prompt": data["prompt"]}, step=0, student_params=state.params)
   with pytest.raises(ValueError, match="step 0 generates with the student: pass student_params="):
     completions(data, step=0)
+
+
+# ---------------------------------------------------------------------------------------------- the experiment
+
+
+def test_addition_problems_are_reversed_sums_with_eos():
+  from experiments import on_policy as experiment
+
+  data = experiment.problems(200, 3, seed=0)
+  assert data["prompt"].shape == (200, 8) and data["completion"].shape == (200, 5)
+  for prompt, completion, keep in zip(data["prompt"], data["completion"], data["completion_mask"], strict=True):
+    a, b = (int("".join(map(str, prompt[i : i + 3]))) for i in (0, 4))
+    answer = completion[keep]
+    assert answer[-1] == experiment.EOS and "".join(map(str, answer[:-1][::-1])) == str(a + b)
+
+
+def test_experiment_quick_end_to_end(tmp_path):
+  from experiments import common
+  from experiments import on_policy as experiment
+
+  config = experiment.get_config()
+  config.quick = True
+  config = common.resolve_quick(config, [])
+  config.seeds, config.teacher_steps, config.student_steps = (0,), 20, 6
+  config.arms = ("supervised_kd", "seq_kd", "gkd")
+  results = experiment.run(config, tmp_path)
+  assert set(results["arms"]) == {"supervised_kd", "seq_kd", "gkd_l1_b0.5"}
+  for name, summary in results["arms"].items():
+    assert 0 <= summary["exact_match"]["mean"] <= 1 and summary["bits_per_char"]["mean"] > 0, name
+  assert results["runs"]["gkd_l1_b0.5"][0]["generated_fraction"] == 1.0
+  assert results["runs"]["supervised_kd"][0]["generated_fraction"] == 0.0
+  for name in ("results.md", "results.json", "on_policy.png", "teacher/params.msgpack"):
+    assert (tmp_path / name).exists(), name
+  before = (tmp_path / "seq_kd" / "seed0" / "result.json").read_text()
+  experiment.run(config, tmp_path)  # finished sub-runs are reused
+  assert (tmp_path / "seq_kd" / "seed0" / "result.json").read_text() == before
+
+
+def test_experiment_bad_config_stops_before_training(tmp_path):
+  from experiments import common
+  from experiments import on_policy as experiment
+
+  config = experiment.get_config()
+  config.betas = (1.0,)
+  with pytest.raises(
+    common.ConfigError, match=r"betas=\(1.0,\) must be a non-empty sequence, each a number in \(0, 1\)"
+  ):
+    experiment.run(config, tmp_path)
+  assert not list(tmp_path.iterdir())
