@@ -14,8 +14,10 @@ scratch; students about 8x smaller learn it for ``student_steps`` steps in every
 Every KD arm is pure distillation (``alpha = 1``; the teacher scores every answer token in the step). The report:
 exact-match accuracy of greedy answers on held-out problems, held-out bits per answer character (teacher-forced on
 the true answers), mean ± std over seeds, the paired difference of each arm to supervised KD over seeds
-(:func:`experiments.common.paired_difference`), and each arm's seconds per step against supervised KD's (the extra
-compute of generating). ``results.md``, ``results.json`` and ``on_policy.png`` hold them.
+(:func:`experiments.common.paired_difference`), the number of seeds that learned the task (``learned``), and each
+arm's seconds per step, generation included, against supervised KD's (the extra compute of generating), timed
+with every arm in alternation after the sub-runs (:func:`step_costs`). ``results.md``, ``results.json`` and
+``on_policy.png`` hold them.
 
 Run (the README's table; measured time in the README)::
 
@@ -68,6 +70,8 @@ RULES = {
   "betas": common.sequence_of(common.Rule("a number in (0, 1)", lambda v: common.NON_NEGATIVE.test(v) and 0 < v < 1)),
   "sample_temperature": common.NON_NEGATIVE,
   "seeds": common.sequence_of(common.NON_NEGATIVE_INT),
+  "cost_rounds": common.POSITIVE_INT,
+  "cost_block": common.POSITIVE_INT,
   "arms": common.sequence_of(common.one_of(("scratch", "supervised_kd", "seq_kd", "gkd"))),
 }
 
@@ -92,6 +96,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.betas = (0.1, 0.5, 0.9)
   config.sample_temperature = 1.0
   config.seeds = (0, 1, 2)
+  # The step cost: every arm timed in alternation, cost_rounds rounds of cost_block steps (step_costs).
+  config.cost_rounds = 5
+  config.cost_block = 20
   config.arms = ("scratch", "supervised_kd", "seq_kd", "gkd")  # "gkd": every (lam, beta) of lams x betas
   config.quick = False
   config.quick_overrides = ml_collections.ConfigDict(
@@ -111,6 +118,8 @@ def get_config() -> ml_collections.ConfigDict:
       "lams": (1.0,),
       "betas": (0.5,),
       "seeds": (0, 1),
+      "cost_rounds": 2,
+      "cost_block": 2,
     }
   )
   return config
@@ -206,7 +215,7 @@ def arms(config: ml_collections.ConfigDict) -> dict[str, dict[str, Any]]:
   return table
 
 
-def _train(
+def _setup(
   config: ml_collections.ConfigDict,
   role: str,
   train: dict,
@@ -214,7 +223,8 @@ def _train(
   seed: int,
   arm: dict | None,
   teacher: tuple[Any, Any] | None,
-) -> tuple[Any, dict[str, float]]:
+) -> tuple[Any, Any, Any, Any]:
+  """``(module, state, step_fn, completions)`` of one arm: a fresh model, its compiled step and its batches."""
   import optax
 
   import jaxkd
@@ -226,7 +236,7 @@ def _train(
   schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 20), steps)
   state = jaxkd.create_train_state(lm.lm_model(module), optax.adamw(schedule), example, rng=seed)
   uses_teacher = arm is not None and arm["kind"] is not None
-  teacher_module, teacher_variables = teacher if teacher is not None else (None, None)
+  teacher_module = teacher[0] if teacher is not None else None
   objective = lm.lm_objective(arm["kind"], alpha=1.0, beta=arm["beta"] or 0.5) if uses_teacher else None
   step_fn = jaxkd.make_train_step(
     teacher_apply_fn=lm.lm_model(teacher_module, name="teacher") if uses_teacher else None,
@@ -245,6 +255,21 @@ def _train(
     pad_id=PAD,
     seed=seed,
   )
+  return module, state, step_fn, completions
+
+
+def _train(
+  config: ml_collections.ConfigDict,
+  role: str,
+  train: dict,
+  *,
+  seed: int,
+  arm: dict | None,
+  teacher: tuple[Any, Any] | None,
+) -> tuple[Any, dict[str, float]]:
+  module, state, step_fn, completions = _setup(config, role, train, seed=seed, arm=arm, teacher=teacher)
+  steps = config[f"{role}_steps"]
+  teacher_variables = teacher[1] if teacher is not None else None
   order = np.random.default_rng(seed)
   teacher_params = teacher_variables["params"] if teacher_variables is not None else None
   generated_steps, step_seconds = 0, []
@@ -267,6 +292,56 @@ def _train(
     "final_loss": float(metrics["loss"]),
   }
   return (module, jax.device_get(state.params)), stats
+
+
+def step_costs(
+  config: ml_collections.ConfigDict, train: dict, teacher: tuple[Any, Any], table: dict[str, dict]
+) -> dict[str, dict[str, float]]:
+  """Seconds per step of every arm, the batch's generation included, and its ratio to supervised KD's.
+
+  The arms run in alternation, ``cost_rounds`` rounds of ``cost_block`` steps each (the order rotated every round),
+  in one process, so a change of load between rounds cancels out of the ratios (the median of the per-round
+  ratios). The sub-runs' own step times are not comparable: they ran one after another, beside other jobs.
+  """
+  names = list(table)
+  setups = {name: _setup(config, "student", train, seed=0, arm=table[name], teacher=teacher) for name in names}
+  states = {name: setups[name][1] for name in names}
+  teacher_variables = teacher[1]
+  order = np.random.default_rng(0)
+  step_counter = 0
+
+  def block(name: str) -> float:
+    nonlocal step_counter
+    _, _, step_fn, completions = setups[name]
+    start = time.perf_counter()
+    for _ in range(config.cost_block):
+      rows = order.integers(0, len(train["prompt"]), config.batch_size)
+      batch, _ = completions(
+        {k: v[rows] for k, v in train.items()},
+        step=step_counter,
+        student_params=states[name].params,
+        teacher_params=teacher_variables["params"],
+      )
+      states[name], metrics = step_fn(states[name], teacher_variables, batch)
+      jax.block_until_ready(metrics["loss"])
+      step_counter += 1
+    return (time.perf_counter() - start) / config.cost_block
+
+  for name in names:  # compile (and, for lam < 1, reach both kinds of batch) before timing
+    block(name)
+  seconds: dict[str, list[float]] = {name: [] for name in names}
+  for round_index in range(config.cost_rounds):
+    shift = round_index % len(names)
+    for name in names[shift:] + names[:shift]:
+      seconds[name].append(block(name))
+  reference = np.asarray(seconds["supervised_kd"])
+  return {
+    name: {
+      "seconds_per_step": float(np.median(seconds[name])),
+      "vs_supervised_kd": float(np.median(np.asarray(seconds[name]) / reference)),
+    }
+    for name in names
+  }
 
 
 def _subrun(workdir: pathlib.Path, name: str, inputs: dict, work) -> dict:
@@ -330,10 +405,12 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
         return {**evaluate(module, params, test), **stats, "params": int(sum(x.size for x in jax.tree.leaves(params)))}
 
       per_arm.setdefault(name, []).append(_subrun(workdir, f"{name}/seed{seed}", inputs, work))
-  return report(config, workdir, teacher_result, per_arm)
+  print("timing every arm's step in alternation", flush=True)
+  costs = step_costs(config, train, (teacher_module, teacher_variables), arms(config))
+  return report(config, workdir, teacher_result, per_arm, costs)
 
 
-def report(config: ml_collections.ConfigDict, workdir: pathlib.Path, teacher: dict, per_arm: dict) -> dict:
+def report(config: ml_collections.ConfigDict, workdir: pathlib.Path, teacher: dict, per_arm: dict, costs: dict) -> dict:
   reference = per_arm["supervised_kd"]
   rows = [
     {
@@ -348,7 +425,7 @@ def report(config: ml_collections.ConfigDict, workdir: pathlib.Path, teacher: di
     exact = common.mean_std(r["exact_match"] for r in runs)
     bits = common.mean_std(r["bits_per_char"] for r in runs)
     paired = common.paired_difference([r["exact_match"] for r in runs], [r["exact_match"] for r in reference])
-    cost = float(np.mean([r["seconds_per_step"] for r in runs]) / np.mean([r["seconds_per_step"] for r in reference]))
+    cost = costs[name]["vs_supervised_kd"]
     summary[name] = {"exact_match": exact, "bits_per_char": bits, "vs_supervised_kd": paired, "step_cost": cost}
     rows.append(
       {
@@ -371,7 +448,8 @@ def report(config: ml_collections.ConfigDict, workdir: pathlib.Path, teacher: di
     f"{config.student_steps} student steps at batch {config.batch_size}. exact_match: greedy answers on held-out "
     f"problems; bits_per_char: teacher-forced on the true answers; learned: seeds at {LEARNED:.0%} exact match or "
     "more (a student either learns carrying or stays near 10%); vs_supervised_kd: paired by seed, exact-match "
-    "points; step_cost: seconds per step over supervised KD's.",
+    "points; step_cost: seconds per step (generation included) over supervised KD's, timed in alternation "
+    f"({config.cost_rounds} rounds of {config.cost_block} steps; median of the per-round ratios).",
   ]
   if best is not None:
     verdict = gkd[best]["vs_supervised_kd"]["verdict"] or "one seed: no spread"
@@ -382,7 +460,14 @@ def report(config: ml_collections.ConfigDict, workdir: pathlib.Path, teacher: di
     )
   text = table + "\n" + "\n".join(lines) + "\n"
   (workdir / "results.md").write_text("# on_policy\n\n" + text)
-  results = {"config": config.to_dict(), "teacher": teacher, "arms": summary, "runs": per_arm, "rows": rows}
+  results = {
+    "config": config.to_dict(),
+    "teacher": teacher,
+    "arms": summary,
+    "runs": per_arm,
+    "step_costs": costs,
+    "rows": rows,
+  }
   common.write_json(workdir / "results.json", results)
   common.plot_bars(
     workdir / "on_policy.png",

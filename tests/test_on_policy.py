@@ -210,6 +210,10 @@ def test_experiment_quick_end_to_end(tmp_path):
     assert 0 <= summary["exact_match"]["mean"] <= 1 and summary["bits_per_char"]["mean"] > 0, name
   assert results["runs"]["gkd_l1_b0.5"][0]["generated_fraction"] == 1.0
   assert results["runs"]["supervised_kd"][0]["generated_fraction"] == 0.0
+  assert (
+    set(results["step_costs"]) == set(results["arms"])
+    and results["step_costs"]["supervised_kd"]["vs_supervised_kd"] == 1.0
+  )
   for row in results["rows"][1:]:  # seeds past the plateau, counted per arm
     run = results["runs"][row["arm"]][0]
     assert row["learned"] == f"{int(run['exact_match'] >= experiment.LEARNED)}/1", row
