@@ -8,18 +8,20 @@ generalised JSD), features (FitNet, AT, NST, FSP, VID) and relations (SP, RKD, P
 student's test accuracy; ``results.md`` and ``results.json`` hold the table, ``methods.png`` the bar chart with
 the scratch student and the teacher as lines.
 
-The Fashion-MNIST pair: teacher ``CNN(features=(32, 64), dense_size=256)``, student
-``CNN(features=(8, 16), dense_size=64)`` (16x fewer parameters). Features are the ReLU'd conv outputs
-(``Conv_0`` at 28x28, ``Conv_1`` at 14x14; FitNet's hint is ``Conv_1``, SP uses ``Conv_1``) and the penultimate
-ReLU'd dense layer (``Dense_0``: RKD, PKT, CC, CRD). The channel counts differ, so FSP maps the student's layers to
-the teacher's widths with trained 1x1 connectors (not in the paper).
+The Fashion-MNIST pair: teacher ``CNN(features=(32, 64), dense_size=256)`` (824,458 parameters), student
+``CNN(features=(4, 8), dense_size=32)`` (13,242, 62x fewer), chosen so the teacher is 5.6 points above the scratch
+student and the methods separate beyond their seed spread; 5 student epochs, seeds 0, 1, 2. Features are the ReLU'd
+conv outputs (``Conv_0`` at 28x28, ``Conv_1`` at 14x14; FitNet's hint is ``Conv_1``, SP uses ``Conv_1``) and the
+penultimate ReLU'd dense layer (``Dense_0``: RKD, PKT, CC, CRD). The channel counts differ, so FSP maps the
+student's layers to the teacher's widths with trained 1x1 connectors (not in the paper).
 
-Reproduce the full run (measured on 2 CPU cores: 87 minutes with CRD at 4096 negatives, of which the teacher took
-16 minutes, CRD 30, VID 10 and most methods about 2 each; the README's table comes from this command). With the
-paper's 16384 negatives (the default, drop the flag) CRD alone takes about 80 minutes by estimate, since every step
-gathers 64 x 16384 rows of each memory bank:
+Reproduce the README's table (measured 2026-12-03 on 2 CPU cores: 2 h 23 min of wall time beside other jobs, the
+teacher 15 minutes, a student 1.5-3 minutes, VID 10 and CRD 17 per seed; two copies of the command with disjoint
+``--config.methods`` can share the workdir to use both cores; rerun the whole command last for the full table).
+With the paper's 16384 negatives (the default, drop the flag) CRD alone takes about an hour per seed here, since
+every step gathers 64 x 16384 rows of each memory bank:
 
-  python -m experiments.methods --workdir workdir/methods --config.crd_negatives=4096
+  python -m experiments.methods --workdir workdir/methods --config.crd_negatives=1024
 
 The quick variant (3.5 minutes measured on 2 CPU cores: 10000 training and 2000 test examples, a 2-epoch teacher
 and 2-epoch students, 1024 CRD negatives; a smoke test of the pipeline, whose differences between methods are
