@@ -258,6 +258,21 @@ def _setup(
   return module, state, step_fn, completions
 
 
+def _one_step(config, train, order, arm_fns, state, teacher_variables, step: int) -> tuple[Any, Any, bool]:
+  """One training step of an arm on a random batch: its answers (generated or the data's), then the update."""
+  step_fn, completions = arm_fns
+  rows = order.integers(0, len(train["prompt"]), config.batch_size)
+  batch, generated = completions(
+    {k: v[rows] for k, v in train.items()},
+    step=step,
+    student_params=state.params,
+    teacher_params=teacher_variables["params"] if teacher_variables is not None else None,
+  )
+  state, metrics = step_fn(state, teacher_variables, batch)
+  jax.block_until_ready(metrics["loss"])
+  return state, metrics, generated
+
+
 def _train(
   config: ml_collections.ConfigDict,
   role: str,
@@ -271,16 +286,10 @@ def _train(
   steps = config[f"{role}_steps"]
   teacher_variables = teacher[1] if teacher is not None else None
   order = np.random.default_rng(seed)
-  teacher_params = teacher_variables["params"] if teacher_variables is not None else None
   generated_steps, step_seconds = 0, []
   for i in range(steps):
-    rows = order.integers(0, len(train["prompt"]), config.batch_size)
     start = time.perf_counter()
-    batch, generated = completions(
-      {k: v[rows] for k, v in train.items()}, step=i, student_params=state.params, teacher_params=teacher_params
-    )
-    state, metrics = step_fn(state, teacher_variables, batch)
-    jax.block_until_ready(metrics["loss"])
+    state, metrics, generated = _one_step(config, train, order, (step_fn, completions), state, teacher_variables, i)
     if i >= 2:  # the first steps compile
       step_seconds.append(time.perf_counter() - start)
     generated_steps += generated
@@ -315,19 +324,13 @@ def step_costs(
     _, _, step_fn, completions = setups[name]
     start = time.perf_counter()
     for _ in range(config.cost_block):
-      rows = order.integers(0, len(train["prompt"]), config.batch_size)
-      batch, _ = completions(
-        {k: v[rows] for k, v in train.items()},
-        step=step_counter,
-        student_params=states[name].params,
-        teacher_params=teacher_variables["params"],
+      states[name], _, _ = _one_step(
+        config, train, order, (step_fn, completions), states[name], teacher_variables, step_counter
       )
-      states[name], metrics = step_fn(states[name], teacher_variables, batch)
-      jax.block_until_ready(metrics["loss"])
       step_counter += 1
     return (time.perf_counter() - start) / config.cost_block
 
-  for name in names:  # compile (and, for lam < 1, reach both kinds of batch) before timing
+  for name in names:  # compile the step and the sampler before timing
     block(name)
   seconds: dict[str, list[float]] = {name: [] for name in names}
   for round_index in range(config.cost_rounds):
