@@ -89,12 +89,12 @@ import optax
 
 from benchmarks import common
 from jaxkd import lm
-from jaxkd.sparse_losses import teacher_topk
+from jaxkd.lm.text import TokenSequences, token_batches
+from jaxkd.lm.topk_cache import JoinedSource, topk_cache_key, write_topk_cache
+from jaxkd.lm.transformer import TransformerLM, lm_config
+from jaxkd.losses._sparse import teacher_topk
 from jaxkd.state import create_train_state
-from jaxkd.text import TokenSequences, token_batches
-from jaxkd.topk_cache import JoinedSource, topk_cache_key, write_topk_cache
 from jaxkd.train import make_train_step
-from jaxkd.transformer import TransformerLM, lm_config
 
 ALPHA = 0.5
 LEARNING_RATE = 1e-3

@@ -50,10 +50,10 @@ import numpy as np
 import optax
 
 from benchmarks import common
-from jaxkd.augment import mixup
 from jaxkd.data import BatchIterator, DevicePrefetcher, stack
-from jaxkd.datasets import NORMALIZATION, ArrayDataset, load
-from jaxkd.logit_cache import cached_teacher_logits
+from jaxkd.data.augment import mixup
+from jaxkd.data.datasets import NORMALIZATION, ArrayDataset, load
+from jaxkd.data.logit_cache import cached_teacher_logits
 from jaxkd.models import CNN, MLP
 from jaxkd.placement import Placement, as_placement
 from jaxkd.state import create_train_state

@@ -43,7 +43,8 @@ import optax  # noqa: E402
 
 import jaxkd  # noqa: E402
 from benchmarks import common  # noqa: E402
-from jaxkd import lm, transformer  # noqa: E402
+from jaxkd import lm  # noqa: E402
+from jaxkd.lm import transformer
 from jaxkd.placement import Placement  # noqa: E402
 
 SETTINGS = {

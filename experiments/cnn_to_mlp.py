@@ -139,7 +139,7 @@ def get_config() -> ml_collections.ConfigDict:
 
 
 def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
-  from jaxkd import logit_cache
+  from jaxkd.data import logit_cache
   from jaxkd.models import CNN, MLP
 
   common.check_config(config, RULES)
@@ -318,7 +318,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
 
 def function_matching(config, workdir, student, teacher, teacher_variables, teacher_info, common_args) -> dict:
   """The function-matching students (T chosen on validation, then every seed) and their mixup scratch baseline."""
-  from jaxkd import augment
+  from jaxkd.data import augment
 
   mixup = augment.mixup(alpha=config.mixup_alpha)  # per example, p = 1: every image is mixed
 

@@ -26,7 +26,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxkd.metrics import to_python as _to_python
+from jaxkd.training.metrics import to_python as _to_python
 
 __all__ = [
   "ConfigError",
@@ -365,7 +365,7 @@ def inference_latency(
 
 def pixel_stats(dataset: str) -> tuple[float, float]:
   """Mean and standard deviation of pixel / 255 for one-channel datasets (jaxkd.datasets.NORMALIZATION)."""
-  from jaxkd.datasets import NORMALIZATION
+  from jaxkd.data.datasets import NORMALIZATION
 
   if dataset not in NORMALIZATION:
     return 0.5, 0.25
@@ -379,7 +379,7 @@ def load_splits(config: ml_collections.ConfigDict):
   ``config.train_subset`` (when > 0) keeps a deterministic random subset of the fit split.
   """
   from jaxkd import data as data_lib
-  from jaxkd import datasets
+  from jaxkd.data import datasets
 
   kwargs = {"data_dir": config.data_dir or None, "source_dir": config.source_dir or None}
   num_train = len(datasets.load_data_source(config.dataset, "train", **kwargs))
@@ -426,7 +426,7 @@ def evaluate(
 ) -> dict[str, float]:
   """Student (and teacher) metrics over a whole split, each example counted once."""
   from jaxkd import data as data_lib
-  from jaxkd import evaluation
+  from jaxkd.training import evaluation
 
   iterator = data_lib.BatchIterator(
     dataset, batch_size=batch_size, train=False, mean=mean, std=std, teacher_logits=teacher_logits
@@ -495,8 +495,8 @@ def train_subrun(
   from jaxkd import data as data_lib
   from jaxkd import state as state_lib
   from jaxkd import train as train_lib
-  from jaxkd import trainer
   from jaxkd.placement import as_placement
+  from jaxkd.training import loop as trainer
 
   placement = as_placement(placement)
   fingerprint = inputs_fingerprint(inputs)
@@ -644,7 +644,7 @@ def subrun_inputs(
   fields), datasets and teacher logits by a hash of their contents, the teacher's variables by
   :func:`jaxkd.utils.tree_fingerprint`. Temperature, alpha and the loss only count where a teacher is.
   """
-  from jaxkd.utils import tree_fingerprint
+  from jaxkd.artifacts import tree_fingerprint
 
   distilled = teacher_apply_fn is not None or teacher_logits is not None
   teacher = None
@@ -687,7 +687,7 @@ def inputs_fingerprint(inputs: Mapping[str, Any]) -> str:
 
 
 def _describe(value: Any) -> str:
-  from jaxkd.logit_cache import describe
+  from jaxkd.data.logit_cache import describe
 
   try:
     return describe(value)
@@ -804,6 +804,6 @@ def _maybe_prefetch(iterator: Any, placement: Any) -> Any:
 
 def load_subrun_variables(workdir: pathlib.Path, name: str) -> tuple[dict, dict]:
   """The final ``{'params', 'batch_stats'}`` of a finished sub-run and its provenance (path, step, fingerprint)."""
-  from jaxkd import checkpoint as ckpt
+  from jaxkd.training import checkpoint as ckpt
 
   return ckpt.load_variables(workdir / name / "checkpoints")

@@ -109,7 +109,7 @@ def get_config() -> ml_collections.ConfigDict:
 
 
 def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
-  from jaxkd import logit_cache
+  from jaxkd.data import logit_cache
   from jaxkd.models import MLP
 
   common.check_config(config, RULES)

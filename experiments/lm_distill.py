@@ -69,7 +69,7 @@ import ml_collections
 import numpy as np
 
 from experiments import common
-from jaxkd.transformer import LM_PRESETS
+from jaxkd.lm.transformer import LM_PRESETS
 
 # The students distilled from the live teacher, and the kind of jaxkd.lm.token_kd term each learns by.
 LIVE_KINDS = {"dense_kd": "forward", "reverse_kl": "reverse", "gjsd": "gjsd"}
@@ -203,7 +203,7 @@ class Data:
 
 def prepare_data(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Data:
   """Corpus, BPE tokenizer (trained once, saved in the workdir) and the train and test token windows."""
-  from jaxkd import text
+  from jaxkd.lm import text
 
   corpus = text.CodeCorpus(config.corpus_root or None, max_bytes=config.max_bytes)
   for split in ("train", "test"):
@@ -255,7 +255,7 @@ class StudentWindows:
   """
 
   def __init__(self, train: Any, *, batch_size: int, num_steps: int, seed: int):
-    from jaxkd import text
+    from jaxkd.lm import text
 
     batches = text.token_batches(train, batch_size=batch_size, seed=seed, shard_index=0, shard_count=1)
     drawn = [next(batches) for _ in range(num_steps)]
@@ -290,7 +290,7 @@ def topk_batches(windows: StudentWindows, cache: Any, *, k: int, batch_size: int
   """The students' batches joined with the cache's top k, in order; a grain iterator with get_state/set_state."""
   import grain
 
-  from jaxkd import topk_cache
+  from jaxkd.lm import topk_cache
 
   dataset = grain.MapDataset.source(topk_cache.JoinedSource(windows, cache)).batch(batch_size, drop_remainder=True)
   if k < cache.k:
@@ -373,7 +373,8 @@ class Evaluator:
     """``(metrics, top1)``: the scores and the model's top-1 prediction at every target, ``[num_targets]``."""
     from tqdm.auto import tqdm
 
-    from jaxkd import text, train
+    from jaxkd import train
+    from jaxkd.lm import text
 
     # One template state per module: the eval step then compiles once per model, not once per run's optimizer.
     template = self._templates.setdefault(module, state)
@@ -446,8 +447,9 @@ def lm_subrun(
   common.write_json(run_dir / common.INPUTS_FILE, {"fingerprint": fingerprint, "inputs": inputs})
 
   import jaxkd
-  from jaxkd import lm, trainer
+  from jaxkd import lm
   from jaxkd.models import count_params
+  from jaxkd.training import loop as trainer
 
   state = jaxkd.create_train_state(
     lm.lm_model(module),
@@ -532,9 +534,11 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
   common.check_config(config, RULES)
   _check_consistency(config)
 
-  from jaxkd import checkpoint as ckpt
-  from jaxkd import lm, logit_cache, text, topk_cache
-  from jaxkd.transformer import TransformerLM, lm_config
+  from jaxkd import lm
+  from jaxkd.data import logit_cache
+  from jaxkd.lm import text, topk_cache
+  from jaxkd.lm.transformer import TransformerLM, lm_config
+  from jaxkd.training import checkpoint as ckpt
 
   data = prepare_data(config, workdir)
   vocab = data.vocab_size
@@ -740,7 +744,7 @@ def _equal_time_steps(dense: Mapping[str, Any], scratch: Mapping[str, Any]) -> i
 
 def cache_stats(cache: Any, config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Sizes of the cache on disk and the teacher's probability mass in its top k, averaged over the cached tokens."""
-  from jaxkd import topk_cache
+  from jaxkd.lm import topk_cache
 
   directory = pathlib.Path(cache.directory)
   num_tokens = len(cache) * cache.length

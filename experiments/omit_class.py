@@ -86,7 +86,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
   import jax
 
   from jaxkd import data as data_lib
-  from jaxkd import logit_cache
+  from jaxkd.data import logit_cache
   from jaxkd.models import MLP
 
   common.check_config(config, RULES)

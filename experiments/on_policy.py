@@ -163,7 +163,7 @@ def split(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
 
 
 def _module(config: ml_collections.ConfigDict, role: str):
-  from jaxkd.transformer import TransformerLM
+  from jaxkd.lm.transformer import TransformerLM
 
   return TransformerLM(
     vocab_size=VOCAB,
@@ -176,7 +176,7 @@ def _module(config: ml_collections.ConfigDict, role: str):
 
 def evaluate(module: Any, params: Any, test: dict, *, chunk: int = 500) -> dict[str, float]:
   """Exact match of greedy answers (digits and EOS) and teacher-forced bits per answer character."""
-  from jaxkd import on_policy, transformer
+  from jaxkd.lm import on_policy, transformer
 
   new = test["completion"].shape[1]
   correct, bits, count = [], 0.0, 0
@@ -228,7 +228,8 @@ def _setup(
   import optax
 
   import jaxkd
-  from jaxkd import lm, on_policy
+  from jaxkd import lm
+  from jaxkd.lm import on_policy
 
   module = _module(config, role)
   steps, lr = config[f"{role}_steps"], config[f"{role}_lr"]

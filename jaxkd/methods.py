@@ -50,9 +50,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxkd import crd as crd_lib
-from jaxkd import features as features_lib
-from jaxkd import losses, relations
+from jaxkd import losses
 from jaxkd.objective import LossTerm, Schedule, TermInputs, cross_entropy, kd, layer_paths
 
 __all__ = [
@@ -235,8 +233,8 @@ def fitnet(
   def fn(inputs: TermInputs) -> jax.Array:
     student = _feature(inputs.student_features, student_layer, feature_fn)
     teacher = _feature(inputs.teacher_features, teacher_layer, feature_fn)
-    regressor = features_lib.HintRegressor(features=teacher.shape[-1], kernel_size=kernel_size)
-    return features_lib.fitnet_loss(inputs.adapter("regressor", regressor, student), teacher)
+    regressor = losses.HintRegressor(features=teacher.shape[-1], kernel_size=kernel_size)
+    return losses.fitnet_loss(inputs.adapter("regressor", regressor, student), teacher)
 
   return LossTerm(name, fn, weight, (student_layer,), (teacher_layer,))
 
@@ -258,7 +256,7 @@ def attention_transfer(
 
   def fn(inputs: TermInputs) -> jax.Array:
     return sum(
-      features_lib.attention_transfer_loss(
+      losses.attention_transfer_loss(
         _feature(inputs.student_features, s, feature_fn), _feature(inputs.teacher_features, t, feature_fn), p=p
       )
       for s, t in zip(student_layers, teacher_layers, strict=True)
@@ -285,7 +283,7 @@ def nst(
 
   def fn(inputs: TermInputs) -> jax.Array:
     return sum(
-      features_lib.nst_loss(
+      losses.nst_loss(
         _feature(inputs.student_features, s, feature_fn),
         _feature(inputs.teacher_features, t, feature_fn),
         degree=degree,
@@ -333,7 +331,7 @@ def fsp(
     teacher = [_feature(inputs.teacher_features, layer, feature_fn) for layer in teacher_layers]
     if adapt_channels:
       student = [
-        inputs.adapter(f"connector{i}", features_lib.HintRegressor(features=t.shape[-1]), s)
+        inputs.adapter(f"connector{i}", losses.HintRegressor(features=t.shape[-1]), s)
         for i, (s, t) in enumerate(zip(student, teacher, strict=True))
       ]
     total = 0.0
@@ -341,7 +339,7 @@ def fsp(
       s_first, s_second, t_first, t_second = student[i], student[i + 1], teacher[i], teacher[i + 1]
       s_first = _pool_to(s_first, s_second.shape[1:-1])
       t_first = _pool_to(t_first, t_second.shape[1:-1])
-      total = total + features_lib.fsp_loss(s_first, s_second, t_first, t_second)
+      total = total + losses.fsp_loss(s_first, s_second, t_first, t_second)
     return total
 
   return LossTerm(name, fn, weight, student_layers, teacher_layers)
@@ -367,9 +365,9 @@ def vid(
     for i, (s, t) in enumerate(zip(student_layers, teacher_layers, strict=True)):
       student = _feature(inputs.student_features, s, feature_fn)
       teacher = _feature(inputs.teacher_features, t, feature_fn)
-      head = features_lib.VIDRegressor(features=teacher.shape[-1], init_variance=init_variance, eps=eps)
+      head = losses.VIDRegressor(features=teacher.shape[-1], init_variance=init_variance, eps=eps)
       mean, variance = inputs.adapter(f"pair{i}", head, student)
-      total = total + features_lib.vid_loss(mean, variance, teacher)
+      total = total + losses.vid_loss(mean, variance, teacher)
     return total
 
   return LossTerm(name, fn, weight, student_layers, teacher_layers)
@@ -389,14 +387,14 @@ def similarity_preserving(
   name: str = "sp",
 ) -> LossTerm:
   """Similarity-preserving KD summed over layer pairs, one scalar per batch
-  (:func:`jaxkd.relations.similarity_preserving_loss`); :math:`\\gamma = 3000`, CE at 1.
+  (:func:`jaxkd.losses.similarity_preserving_loss`); :math:`\\gamma = 3000`, CE at 1.
   """
   _check_scope(scope)
   student_layers, teacher_layers = _pairs(student_layers, teacher_layers)
 
   def fn(inputs: TermInputs) -> jax.Array:
     return sum(
-      relations.similarity_preserving_loss(
+      losses.similarity_preserving_loss(
         _feature(inputs.student_features, s, feature_fn),
         _feature(inputs.teacher_features, t, feature_fn),
         where=inputs.mask,
@@ -445,10 +443,10 @@ def rkd(
   feature_fn: FeatureFn | None = None,
   name: str = "rkd",
 ) -> LossTerm:
-  """Relational KD (distance 25, angle 50), one scalar per batch (:func:`jaxkd.relations.rkd_loss`); CE at 1."""
+  """Relational KD (distance 25, angle 50), one scalar per batch (:func:`jaxkd.losses.rkd_loss`); CE at 1."""
   return _relation_term(
     name,
-    relations.rkd_loss,
+    losses.rkd_loss,
     student_layer,
     teacher_layer,
     weight=weight,
@@ -468,13 +466,13 @@ def pkt(
   feature_fn: FeatureFn | None = None,
   name: str = "pkt",
 ) -> LossTerm:
-  """PKT, one scalar per batch (:func:`jaxkd.relations.pkt_loss`); CE at 1.
+  """PKT, one scalar per batch (:func:`jaxkd.losses.pkt_loss`); CE at 1.
 
   RepDistiller's weight 30000 multiplies a double sum divided by :math:`b^2` with :math:`b = 64`; this loss is
   the paper's per-anchor mean, so the same strength is about ``30000 / batch_size`` (the default, for 64).
   """
   return _relation_term(
-    name, relations.pkt_loss, student_layer, teacher_layer, weight=weight, scope=scope, feature_fn=feature_fn
+    name, losses.pkt_loss, student_layer, teacher_layer, weight=weight, scope=scope, feature_fn=feature_fn
   )
 
 
@@ -490,14 +488,14 @@ def cc(
   name: str = "cc",
 ) -> LossTerm:
   """Correlation congruence (Gaussian RBF, 2nd-order Taylor, :math:`\\gamma = 0.4`), one scalar per batch
-  (:func:`jaxkd.relations.cc_loss`); CE at 1.
+  (:func:`jaxkd.losses.cc_loss`); CE at 1.
 
   The catalogue gives no weight for this kernel form (RepDistiller's 0.02 is for a different loss); the default 1
   is unvalidated.
   """
   return _relation_term(
     name,
-    relations.cc_loss,
+    losses.cc_loss,
     student_layer,
     teacher_layer,
     weight=weight,
@@ -534,13 +532,13 @@ def crd(
     raise ValueError(f"need num_negatives >= 1 and embed_dim >= 1, got {num_negatives} and {embed_dim}.")
 
   def init_state(rng: jax.Array, num_data: int) -> dict[str, Any]:
-    return crd_lib.crd_init_state(rng, num_data, embed_dim=embed_dim)
+    return losses.crd_init_state(rng, num_data, embed_dim=embed_dim)
 
   def fn(inputs: TermInputs) -> tuple[jax.Array, dict[str, Any]]:
     student = _feature(inputs.student_features, student_layer, feature_fn)
     teacher = _feature(inputs.teacher_features, teacher_layer, feature_fn)
-    student_embed, teacher_embed = inputs.adapter("heads", crd_lib.CRDHeads(features=embed_dim), student, teacher)
-    return crd_lib.crd_step(
+    student_embed, teacher_embed = inputs.adapter("heads", losses.CRDHeads(features=embed_dim), student, teacher)
+    return losses.crd_step(
       student_embed,
       teacher_embed,
       inputs.state,

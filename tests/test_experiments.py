@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from experiments import cnn_to_mlp, common, hinton2015, methods, omit_class
-from tests.test_datasets import REAL_FASHION_MNIST, write_idx_dir
+from tests.data.test_datasets import REAL_FASHION_MNIST, write_idx_dir
 
 
 @pytest.fixture(scope="module")

@@ -160,7 +160,7 @@ def test_main_reports_a_config_error_without_a_traceback(tmp_path):
 
 
 def tiny_set(num_examples: int = 64, *, seed: int = 0, split: str = "train"):
-  from jaxkd.datasets import ArrayDataset
+  from jaxkd.data.datasets import ArrayDataset
 
   rng = np.random.default_rng(seed)
   images = rng.integers(0, 256, size=(num_examples, 6, 6, 1), dtype=np.uint8)

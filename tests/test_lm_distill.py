@@ -152,7 +152,7 @@ def test_topk_batches_are_the_students_windows_in_their_order(tmp_path):
   import jax
   import jax.numpy as jnp
 
-  from jaxkd import text, topk_cache
+  from jaxkd.lm import text, topk_cache
 
   vocab, length, batch_size = 32, 8, 4
   tokens = np.random.default_rng(0).integers(0, vocab, 2000).astype(np.uint16)

@@ -17,8 +17,11 @@ import pytest
 from flax import nnx
 
 import jaxkd
-from jaxkd import checkpoint, features, losses, methods, modeling, relations, train
+from jaxkd import losses, methods, modeling, train
+from jaxkd.losses import _features as features
+from jaxkd.losses import _relations as relations
 from jaxkd.models import CNN, count_params
+from jaxkd.training import checkpoint
 
 NUM_DEVICES = 4
 NUM_CLASSES = 5
@@ -463,7 +466,7 @@ def test_nnx_student_trains_on_logit_terms_and_feature_terms_need_linen():
 
 def test_methods_experiment_tiny(tmp_path_factory, tmp_path):
   from experiments import methods as experiment
-  from tests.test_datasets import write_idx_dir
+  from tests.data.test_datasets import write_idx_dir
 
   source = tmp_path_factory.mktemp("idx")
   write_idx_dir(source)

@@ -220,7 +220,7 @@ def _student(kind: str):
 def test_user_models_train_through_fit_on_any_mesh(kind, num_devices, tmp_path):
   """The issue's bar: own model, any flag/output, any optax optimizer, a temperature schedule, 1/2/4 devices."""
   from jaxkd import placement as placement_lib
-  from jaxkd import trainer
+  from jaxkd.training import loop as trainer
 
   teacher = NoFlag()
   teacher_variables = jax.jit(teacher.init)(jax.random.key(1), _data()["image"])

@@ -10,8 +10,8 @@ from jax.sharding import PartitionSpec as P
 import jaxkd
 from jaxkd import lm
 from jaxkd import sharding as sharding_lib
+from jaxkd.lm.transformer import TransformerLM, lm_config
 from jaxkd.placement import Placement
-from jaxkd.transformer import TransformerLM, lm_config
 
 VOCAB, LENGTH, BATCH = 64, 16, 8
 needs_4 = pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 (fake CPU) devices")
@@ -188,7 +188,7 @@ def test_bfloat16_teacher_is_close_to_float32(pair):
 @needs_4
 def test_sharded_state_checkpoints_restore_onto_another_mesh(pair, tmp_path):
   """A state trained on a 2 x 2 mesh saves through orbax and resumes on 1 x 4 exactly as it would have on 2 x 2."""
-  from jaxkd.checkpoint import Checkpointer
+  from jaxkd.training.checkpoint import Checkpointer
 
   teacher, teacher_variables, template = pair
   first = Placement.sharded(2, devices=jax.devices()[:4])
