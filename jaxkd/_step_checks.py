@@ -35,6 +35,7 @@ class StepChecker:
     mask_key: str,
     ignore_index: int,
     stacked: bool,
+    heads: Any = None,
   ):
     self.placement = placement
     self.teacher = teacher
@@ -43,6 +44,7 @@ class StepChecker:
     self.mask_key = mask_key
     self.ignore_index = ignore_index
     self.stacked = stacked
+    self.heads = heads  # the step's output-head strategy (jaxkd._step_parts.OutputHeads), or None
     self._passed: dict[Any, int] = {}  # batch signature -> number of classes, for signatures already checked
 
   def check(self, state: Any, teacher_variables: PyTree, batch: Mapping[str, Any], *, placed: bool) -> None:
@@ -117,8 +119,10 @@ class StepChecker:
     if jax.tree.leaves(state.batch_stats):
       variables["batch_stats"] = state.batch_stats
     variables = self._per_device(variables, batched=False, placed=False)
-    logits = _logits_shape(model, variables, per_device)
     labels = tuple(per_device[self.label_key].shape)
+    if self.heads is not None:
+      self.heads.check_batch(model, labels)
+    logits = _logits_shape(model, variables, per_device)
     if tuple(logits.shape[:-1]) != labels:
       raise ValueError(
         f"student logits of shape {tuple(logits.shape)} (per device) do not match labels of shape {labels}: "

@@ -38,6 +38,13 @@ import numpy as np
 from jaxkd import _checks, losses
 
 __all__ = [
+  "IGNORE_INDEX",
+  "TOPK_INDICES",
+  "TOPK_KEYS",
+  "TOPK_LOGITS",
+  "TOPK_LOG_NORMALIZER",
+  "MIX_LABEL",
+  "MIX_WEIGHT",
   "LossTerm",
   "TermInputs",
   "Objective",
@@ -220,8 +227,15 @@ class Objective:
 # The terms every objective is made of.
 
 
-# Batch entries of a mixed batch (jaxkd.augment's mixup and cutmix): the partner's label and the mixing weight.
+# Labels with this value are ignored by every term and metric (Hugging Face's convention for padding and prompt
+# tokens); the step masks them out.
+IGNORE_INDEX = -100
+# Batch entries of a mixed batch (jaxkd.data.augment's mixup and cutmix): the partner's label and the mixing weight.
 MIX_LABEL, MIX_WEIGHT = "mix_label", "mix_weight"
+# Batch entries of cached sparse teacher targets (jaxkd.lm.topk_cache.JoinedSource adds them, jaxkd.lm.sparse_kd
+# reads them): the teacher's top-k logits and token ids, sorted (the first is its top-1), and log Z at the cache's T.
+TOPK_LOGITS, TOPK_INDICES, TOPK_LOG_NORMALIZER = "teacher_topk_logits", "teacher_topk_indices", "teacher_log_normalizer"
+TOPK_KEYS = (TOPK_LOGITS, TOPK_INDICES, TOPK_LOG_NORMALIZER)
 
 
 def cross_entropy(*, weight: Schedule = 1.0, name: str = "ce") -> LossTerm:

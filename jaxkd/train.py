@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -33,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxkd import _checks, _step_checks, modeling
+from jaxkd import _step_checks, _step_parts, modeling
 from jaxkd import objective as objective_lib
 from jaxkd.losses import hard_cross_entropy, kd_loss
 from jaxkd.placement import Placement, as_placement, pmean_inexact, psum
@@ -42,10 +41,8 @@ from jaxkd.state import TrainState
 __all__ = ["make_train_step", "make_eval_step", "summarize_eval", "TrainStep", "EvalStep", "IGNORE_INDEX"]
 
 PyTree = Any
-# Labels with this value are ignored (Hugging Face's convention for padding and prompt tokens).
-IGNORE_INDEX = -100
-# A key stream for the loss terms, apart from the dropout keys fold_in(fold_in(rng, step), device).
-_TERM_STREAM = 0x7E4D
+# Re-exported: the constant's home is jaxkd.objective, beside the other batch entries the terms read.
+IGNORE_INDEX = objective_lib.IGNORE_INDEX
 # The augmentation's key stream: the same key on every device, per-example draws keyed by the global row.
 _AUGMENT_STREAM = 0xA06
 
@@ -62,16 +59,13 @@ class _Spec:
   label_key: str
   mask_key: str
   plain_objective: objective_lib.Objective | None  # used when the batch brings no teacher logits
-  chunk_size: int | None = None  # token positions per chunk of the output heads (None: all at once)
+  # How outputs become the loss and metrics: whole logits, or a language model's head a chunk at a time.
+  heads: _step_parts.OutputHeads = _step_parts.DenseHeads()
   augment: Callable[..., Mapping[str, Any]] | None = None  # augment(batch, key, rows) -> batch, inside the step
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Pieces of the body (per device).
-
-
-def _masked_sum(values: jax.Array, mask: jax.Array) -> jax.Array:
-  return jnp.sum(jnp.where(mask, values.astype(jnp.float32), 0.0))
 
 
 def _labels_and_mask(spec: _Spec, batch: Mapping[str, Any]) -> tuple[jax.Array, jax.Array]:
@@ -103,7 +97,7 @@ def _cast_params(variables: PyTree, dtype: Any) -> PyTree:
 def _teacher_outputs(spec: _Spec, teacher_variables: PyTree, batch: Mapping[str, Any], *, project: bool = True):
   """``(teacher_logits, teacher_features)`` under ``stop_gradient``; ``(None, {})`` without a teacher.
 
-  With ``project=False`` a teacher with a head returns its hidden states instead of logits (the chunked path).
+  With ``project=False`` a teacher with a head returns its hidden states instead of logits (chunked heads).
   """
   if spec.teacher is not None:
     logits, features, _ = spec.teacher(
@@ -129,77 +123,6 @@ def _student_variables(state: TrainState, params: PyTree) -> tuple[dict[str, Any
   return variables, []
 
 
-def _objective_loss(
-  objective: objective_lib.Objective, state: TrainState, inputs: dict[str, Any], global_count: jax.Array
-) -> tuple[jax.Array, dict[str, jax.Array], dict[str, Any]]:
-  """The weighted sum of the terms (this device's share), each term's unweighted value, new term states."""
-  mask, labels = inputs["mask"], inputs["labels"]
-  local_count = jnp.sum(mask, dtype=jnp.float32)
-  term_key = jax.random.fold_in(jax.random.fold_in(state.rng, _TERM_STREAM), state.step)
-  per_position, scalar = None, None
-  values, new_states = {}, dict(state.term_state)
-  for position, term in enumerate(objective.terms):
-    if term.init_state is not None and term.name not in state.term_state:
-      raise ValueError(
-        f"term {term.name!r} keeps state between steps but the train state has none for it: make the state with "
-        "jaxkd.create_train_state(..., objective=<this objective>, num_data=<training set size>)."
-      )
-    output = term.fn(_term_inputs(term, inputs, state, jax.random.fold_in(term_key, position)))
-    if term.init_state is not None:
-      if not (isinstance(output, tuple) and len(output) == 2):
-        raise ValueError(f"term {term.name!r} has init_state, so its fn must return (loss, new_state).")
-      output, new_state = output
-      old = state.term_state[term.name]
-      new_states[term.name] = jax.tree.map(lambda new, old: jnp.asarray(new).astype(old.dtype), new_state, old)
-    value = jnp.asarray(output, jnp.float32)
-    weight = objective_lib.value_at(term.weight, state.step)
-    if term.scope == "example":
-      if value.shape != labels.shape:
-        raise ValueError(
-          f"term {term.name!r} has scope 'example' and must return a loss of the labels' shape "
-          f"{tuple(labels.shape)}, got {tuple(value.shape)}."
-        )
-      values[term.name] = _masked_sum(value, mask) / global_count
-      # Per-position terms are summed before the masked mean: for Hinton's two terms this is the expression
-      # jaxkd.losses.distillation_loss evaluates, so the step's loss equals it bit for bit.
-      weighted = weight * value
-      per_position = weighted if per_position is None else per_position + weighted
-    else:
-      if value.shape != ():
-        raise ValueError(
-          f"term {term.name!r} has scope {term.scope!r} and must return a scalar, got shape {tuple(value.shape)}."
-        )
-      # Each device's share of the real examples: the shares sum to 1 over the axis, so the summed gradient is
-      # the gradient of the global-batch loss ('global') or of the example-weighted mean of local losses ('local').
-      values[term.name] = value * local_count / global_count
-      scalar = weight * values[term.name] if scalar is None else scalar + weight * values[term.name]
-  loss = _masked_sum(per_position, mask) / global_count if per_position is not None else 0.0
-  if scalar is not None:
-    loss = loss + scalar
-  return jnp.asarray(loss, jnp.float32), values, new_states
-
-
-def _term_inputs(
-  term: objective_lib.LossTerm, inputs: Mapping[str, Any], state: TrainState, rng: jax.Array
-) -> objective_lib.TermInputs:
-  return objective_lib.TermInputs(
-    student_logits=inputs["student_logits"],
-    teacher_logits=inputs["teacher_logits"],
-    labels=inputs["labels"],
-    mask=inputs["mask"],
-    batch=inputs["batch"],
-    student_features={layer: inputs["student_features"][layer] for layer in term.student_layers},
-    teacher_features={layer: inputs["teacher_features"][layer] for layer in term.teacher_layers},
-    index=inputs["index"],
-    rng=rng,
-    step=state.step,
-    axis_name=inputs["axis_name"],
-    batch_axis=inputs["axis_name"] if term.scope == "global" else None,
-    state=state.term_state.get(term.name),
-    adapter_params=inputs["adapters"].get(term.name, {}),
-  )
-
-
 def _train_body(
   spec: _Spec, state: TrainState, teacher_variables: PyTree, batch: Mapping[str, Any]
 ) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -214,9 +137,9 @@ def _train_body(
   # Normalising by the global count of real examples (or tokens) makes the summed gradient the gradient of the
   # global mean: a pmean of per-device means when every device holds the same number of them.
   global_count = psum(jnp.sum(mask, dtype=jnp.float32), axis)
-  chunked = spec.chunk_size is not None
-  teacher_logits, teacher_features = _teacher_outputs(spec, teacher_variables, batch, project=not chunked)
+  teacher_logits, teacher_features = _teacher_outputs(spec, teacher_variables, batch, project=spec.heads.project)
   objective = spec.objective if teacher_logits is not None else spec.plain_objective
+  temperature = objective_lib.value_at(spec.objective.temperature, state.step)  # of the kd_loss metric
   index = batch.get("index")
 
   def loss_fn(trainable: PyTree):
@@ -235,14 +158,14 @@ def _train_body(
       mutable=mutable,
       capture=objective.student_layers,
       compute_dtype=spec.compute_dtype,
-      project=not chunked,
+      project=spec.heads.project,
     )
     batch_stats = state.batch_stats
     if mutable:
       # Same dtypes as before keeps the state's avals fixed: one compilation, working donation.
       batch_stats = jax.tree.map(lambda new, old: new.astype(old.dtype), updates["batch_stats"], batch_stats)
     inputs = dict(
-      student_logits=outputs if chunked else outputs.astype(jnp.float32),
+      student_logits=outputs,
       teacher_logits=teacher_logits,
       labels=labels,
       mask=mask,
@@ -253,25 +176,16 @@ def _train_body(
       axis_name=axis,
       adapters=adapters,
     )
-    if chunked:
-      teacher_head = None
-      if spec.teacher is not None:
-        teacher_head = functools.partial(spec.teacher.head, _cast_params(teacher_variables, spec.compute_dtype))
-      loss, values, sums, num_classes = _chunked_objective_loss(
-        spec, objective, state, inputs, global_count, functools.partial(state.model.head, variables), teacher_head
-      )
-      return loss, (sums, num_classes, batch_stats, values, dict(state.term_state))
-    loss, values, term_state = _objective_loss(objective, state, inputs, global_count)
-    return loss, (inputs["student_logits"], batch_stats, values, term_state)
+    loss, values, term_state, carry = spec.heads.loss(
+      objective, state, inputs, global_count, _head_fns(spec, state, variables, teacher_variables), temperature
+    )
+    return loss, (carry, batch_stats, values, term_state)
 
   (local_loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
-  if chunked:
-    sums, num_classes, batch_stats, values, term_state = aux
-  else:
-    # The metrics from the logits outside the differentiated function (inside it, XLA fused them with the loss and
-    # the loss moved by an ulp from jaxkd.losses.distillation_loss's).
-    logits, batch_stats, values, term_state = aux
-    sums, num_classes = _metric_sums(spec, state.step, logits, teacher_logits, labels, mask, batch), logits.shape[-1]
+  carry, batch_stats, values, term_state = aux
+  sums, num_classes = spec.heads.metric_sums(
+    carry, temperature=temperature, teacher_logits=teacher_logits, labels=labels, mask=mask, batch=batch
+  )
   # NaN on one device is NaN in the summed loss every device sees, so all of them skip the update.
   local_loss = jnp.where(_labels_out_of_range(labels, mask, num_classes), jnp.nan, local_loss)
   batch_stats = pmean_inexact(batch_stats, axis)
@@ -287,13 +201,22 @@ def _train_body(
   return new_state, metrics
 
 
+def _head_fns(spec: _Spec, state: TrainState, variables: PyTree, teacher_variables: PyTree) -> _step_parts.HeadFns:
+  """The output heads bound to their variables, for head strategies that apply them (None where a model has none)."""
+  student = None if state.model.head is None else functools.partial(state.model.head, variables)
+  teacher = None
+  if spec.teacher is not None and spec.teacher.head is not None:
+    teacher = functools.partial(spec.teacher.head, _cast_params(teacher_variables, spec.compute_dtype))
+  return _step_parts.HeadFns(student, teacher)
+
+
 def _augmented(spec: _Spec, state: TrainState, batch: Mapping[str, Any], device_index: Any) -> dict[str, Any]:
   """The batch after ``spec.augment``, computed once: teacher and student both read the array it returns.
 
   Its key depends on the state's key and step only, and each example's draws on its row in the global batch, so
   the augmented batch is the same under every placement and after a resume (tests/test_augment.py).
   """
-  if spec.teacher is None and ("teacher_logits" in batch or _has_topk(batch)):
+  if spec.teacher is None and ("teacher_logits" in batch or objective_lib.TOPK_INDICES in batch):
     raise ValueError(
       "augment= with cached teacher logits would distil the student's augmented view towards the teacher's output "
       "on the unaugmented input (the inconsistent teaching Beyer et al. 2022 warn against): pass the teacher as "
@@ -303,96 +226,6 @@ def _augmented(spec: _Spec, state: TrainState, batch: Mapping[str, Any], device_
   rows = device_index * size + jnp.arange(size, dtype=jnp.int32)
   key = jax.random.fold_in(jax.random.fold_in(state.rng, _AUGMENT_STREAM), state.step)
   return dict(spec.augment(dict(batch), key, rows))
-
-
-def _has_topk(batch: Mapping[str, Any]) -> bool:
-  return "teacher_topk_indices" in batch
-
-
-def _chunked_objective_loss(
-  spec: _Spec,
-  objective: objective_lib.Objective,
-  state: TrainState,
-  inputs: dict[str, Any],
-  global_count: jax.Array,
-  student_head: Callable[[jax.Array], jax.Array],
-  teacher_head: Callable[[jax.Array], jax.Array] | None,
-) -> tuple[jax.Array, dict[str, jax.Array], dict[str, jax.Array], int]:
-  """The objective over chunks of ``spec.chunk_size`` token positions: logits exist one chunk at a time.
-
-  Each chunk applies the output heads to its slice of the hidden states, evaluates the per-token terms and the
-  metric sums, and is rematerialised in the backward pass (``jax.checkpoint``), so neither pass holds more than
-  one chunk's ``[batch, chunk, vocab]`` logits and probabilities. Per-token terms are sums over positions, so the
-  result equals the unchunked objective up to float32 rounding (tests/test_lm.py).
-
-  Returns:
-    ``(loss, term values, metric sums, num_classes)`` as :func:`_objective_loss` and :func:`_metric_sums`.
-  """
-  labels, mask, batch = inputs["labels"], inputs["mask"], inputs["batch"]
-  hidden = inputs["student_logits"]
-  teacher_hidden = inputs["teacher_logits"]
-  chunk = spec.chunk_size
-  if state.model.head is None:
-    raise ValueError(
-      f"chunk_size={chunk} needs a student whose output head is separate (jaxkd.Model(..., head=...), e.g. from "
-      "jaxkd.lm.lm_model(module)); this student returns logits."
-    )
-  bad = [t.name for t in objective.terms if t.scope != "example" or t.init_state is not None]
-  if bad or objective.student_layers or objective.teacher_layers:
-    raise ValueError(
-      f"chunk_size={chunk} evaluates per-token terms chunk by chunk; terms {bad or list(objective.terms)} need the "
-      "whole batch (scope other than 'example', state, or features). Use chunk_size=None for this objective."
-    )
-  if labels.ndim != 2:
-    raise ValueError(f"chunk_size={chunk} needs token labels [batch, length], got labels of shape {labels.shape}.")
-  size, length = labels.shape
-  if length % chunk:
-    raise ValueError(
-      f"chunk_size={chunk} must divide the sequence length {length}; choose a divisor (e.g. {math.gcd(length, chunk)})."
-    )
-  num_chunks = length // chunk
-
-  def split(x: jax.Array) -> jax.Array:  # [batch, length, ...] -> [chunks, batch, chunk, ...]
-    return jnp.moveaxis(x.reshape(size, num_chunks, chunk, *x.shape[2:]), 1, 0)
-
-  per_token = {k: v for k, v in batch.items() if jnp.ndim(v) >= 2 and tuple(jnp.shape(v)[:2]) == (size, length)}
-  xs = {
-    "hidden": split(hidden),
-    "labels": split(labels),
-    "mask": split(mask),
-    "batch": {k: split(jnp.asarray(v)) for k, v in per_token.items()},
-  }
-  if teacher_hidden is not None:
-    xs["teacher_hidden"] = split(teacher_hidden)
-  num_classes = jax.eval_shape(student_head, xs["hidden"][0]).shape[-1]
-
-  @jax.checkpoint
-  def one_chunk(x: dict[str, Any]) -> tuple[jax.Array, dict[str, jax.Array], dict[str, jax.Array]]:
-    logits = student_head(x["hidden"]).astype(jnp.float32)
-    teacher_logits = None
-    if teacher_head is not None:
-      teacher_logits = jax.lax.stop_gradient(teacher_head(x["teacher_hidden"]).astype(jnp.float32))
-    chunk_batch = {**batch, **x["batch"]}
-    chunk_inputs = {
-      **inputs,
-      "student_logits": logits,
-      "teacher_logits": teacher_logits,
-      "labels": x["labels"],
-      "mask": x["mask"],
-      "batch": chunk_batch,
-    }
-    loss, values, _ = _objective_loss(objective, state, chunk_inputs, global_count)
-    sums = _metric_sums(spec, state.step, logits, teacher_logits, x["labels"], x["mask"], chunk_batch)
-    return loss, values, jax.lax.stop_gradient(sums)
-
-  def body(carry, x):
-    return jax.tree.map(jnp.add, carry, one_chunk(x)), None
-
-  zeros = jax.tree.map(
-    lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(one_chunk, jax.tree.map(lambda v: v[0], xs))
-  )
-  (loss, values, sums), _ = jax.lax.scan(body, zeros, xs)
-  return loss, values, sums, num_classes
 
 
 def _update(spec: _Spec, state: TrainState, grads: PyTree, loss: jax.Array, **changes: Any):
@@ -413,30 +246,6 @@ def _update(spec: _Spec, state: TrainState, grads: PyTree, loss: jax.Array, **ch
     state,
   )
   return new_state, finite, grad_norm
-
-
-def _metric_sums(spec, step, logits, teacher_logits, labels, mask, batch) -> dict[str, jax.Array]:
-  """This device's masked sums of the metrics (divided by the global count in :func:`_finish_metrics`)."""
-  predictions = jnp.argmax(logits, axis=-1)
-  token_level = labels.ndim >= 2
-  sums = {
-    "ce": _masked_sum(hard_cross_entropy(logits, labels), mask),
-    "accuracy": _masked_sum(predictions == labels, mask),
-  }
-  if teacher_logits is not None:
-    temperature = objective_lib.value_at(spec.objective.temperature, step)
-    teacher_predictions = jnp.argmax(teacher_logits, axis=-1)
-    sums["kd_loss"] = _masked_sum(kd_loss(logits, teacher_logits, temperature), mask)
-    sums["teacher_accuracy"] = _masked_sum(teacher_predictions == labels, mask)
-    sums["agreement"] = _masked_sum(predictions == teacher_predictions, mask)
-    if token_level:
-      sums["teacher_ce"] = _masked_sum(hard_cross_entropy(teacher_logits, labels), mask)
-  elif _has_topk(batch):
-    # A top-k cache knows the teacher's top-1 token (its first index: lax.top_k sorts), not its full distribution.
-    teacher_predictions = jnp.asarray(batch["teacher_topk_indices"])[..., 0].astype(jnp.int32)
-    sums["teacher_accuracy"] = _masked_sum(teacher_predictions == labels, mask)
-    sums["agreement"] = _masked_sum(predictions == teacher_predictions, mask)
-  return sums
 
 
 def _finish_metrics(spec, step, sums, global_count, objective, labels) -> dict[str, jax.Array]:
@@ -473,14 +282,14 @@ def _eval_body(spec: _Spec, state: TrainState, teacher_variables: PyTree, batch:
   sums = {
     "count": jnp.sum(mask, dtype=jnp.int32),
     "correct": jnp.sum(mask & (predictions == labels), dtype=jnp.int32),
-    "ce_sum": _masked_sum(hard_cross_entropy(logits, labels), mask),
+    "ce_sum": _step_parts.masked_sum(hard_cross_entropy(logits, labels), mask),
   }
   if teacher_logits is not None:
     teacher_predictions = jnp.argmax(teacher_logits, axis=-1)
     sums["teacher_correct"] = jnp.sum(mask & (teacher_predictions == labels), dtype=jnp.int32)
     sums["agreement"] = jnp.sum(mask & (predictions == teacher_predictions), dtype=jnp.int32)
     temperature = objective_lib.value_at(spec.objective.temperature, state.step)
-    sums["kd_loss_sum"] = _masked_sum(kd_loss(logits, teacher_logits, temperature), mask)
+    sums["kd_loss_sum"] = _step_parts.masked_sum(kd_loss(logits, teacher_logits, temperature), mask)
   return psum(sums, spec.axis)
 
 
@@ -525,6 +334,7 @@ class _Step:
       mask_key=spec.mask_key,
       ignore_index=IGNORE_INDEX,
       stacked=stacked,
+      heads=spec.heads,
     )
 
   def __call__(self, state: TrainState, teacher_variables: PyTree, batch: Mapping[str, Any]) -> Any:
@@ -699,24 +509,21 @@ def make_train_step(
     and ``weight/<term>`` (its current weight); with a teacher ``kd_loss`` (:math:`T^2`-scaled KL at the
     current ``temperature``, also logged), ``teacher_accuracy`` and ``agreement``.
   """
-  _checks.check_temperature_or_schedule(temperature)
-  _checks.check_alpha(alpha)
+  # temperature and alpha are checked where they enter an objective (jaxkd.objective.hinton, kd, Objective).
   if not isinstance(steps_per_call, int) or steps_per_call < 1:
     raise ValueError(f"steps_per_call must be an int >= 1, got {steps_per_call!r}.")
-  if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-    raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}.")
   objective, plain = _objective(objective, loss_fn, temperature, alpha)
   placement = as_placement(placement)
   spec = _make_spec(
     objective, plain, teacher_apply_fn, placement, compute_dtype, skip_nonfinite, label_key, mask_key, teacher_inputs
   )
   if chunk_size is not None:
-    if spec.teacher is not None and spec.teacher.head is None:
-      raise ValueError(
-        "chunk_size needs a teacher whose output head is separate (jaxkd.Model(..., head=...), e.g. from "
-        "jaxkd.lm.lm_model(module)); this teacher returns logits."
-      )
-    spec = dataclasses.replace(spec, chunk_size=chunk_size)
+    # The step's one dense/chunked decision. Chunking is a language-model concern, so its code lives in jaxkd.lm.
+    from jaxkd.lm.chunked import ChunkedHeads
+
+    heads = ChunkedHeads(chunk_size)
+    heads.check_step(objective, spec.teacher)
+    spec = dataclasses.replace(spec, heads=heads)
   if augment is not None:
     if not callable(augment):
       raise TypeError(f"augment must be a function augment(batch, key, rows) -> batch, got {augment!r}.")
@@ -764,7 +571,6 @@ def make_eval_step(
     ``evaluate`` returning ``count``, ``correct`` (int32) and ``ce_sum``; with a teacher also
     ``teacher_correct``, ``agreement`` (int32) and ``kd_loss_sum`` (at ``temperature``).
   """
-  _checks.check_temperature(temperature)
   objective = objective_lib.Objective((objective_lib.cross_entropy(),), name="eval", temperature=temperature)
   placement = as_placement(placement)
   spec = _make_spec(

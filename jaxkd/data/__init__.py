@@ -11,7 +11,16 @@ module              job
 """
 
 from jaxkd.data import augment, batches, datasets, logit_cache
-from jaxkd.data.augment import Augment, compose, cutmix, mixup, random_crop, random_flip, random_translate
+from jaxkd.data.augment import (
+  Augment,
+  compose,
+  cutmix,
+  mixup,
+  random_crop,
+  random_flip,
+  random_translate,
+  translate,
+)
 from jaxkd.data.batches import (
   BatchIterator,
   DevicePrefetcher,
@@ -20,7 +29,6 @@ from jaxkd.data.batches import (
   shard_bounds,
   stack,
   transfer_set,
-  translate,
 )
 from jaxkd.data.datasets import ArrayDataset, DamagedDataError, DataNotFoundError, IdxFormatError, load
 from jaxkd.data.logit_cache import cached_teacher_logits, compute_teacher_logits

@@ -34,6 +34,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxkd.data.augment import translate
 from jaxkd.data.datasets import ArrayDataset
 from jaxkd.placement import Placement
 
@@ -45,7 +46,6 @@ __all__ = [
   "stack",
   "StackedBatches",
   "transfer_set",
-  "translate",
 ]
 
 
@@ -161,35 +161,6 @@ def _aligned_empty(shape: tuple[int, ...], dtype: Any, alignment: int = 64) -> n
   raw = np.empty(size + alignment, np.uint8)
   offset = -raw.ctypes.data % alignment
   return raw[offset : offset + size].view(dtype).reshape(shape)
-
-
-def translate(images: np.ndarray, shifts: np.ndarray) -> np.ndarray:
-  """Shifts each image by whole pixels, filling uncovered pixels with 0.
-
-  Args:
-    images: ``[batch, height, width, channels]``.
-    shifts: int ``[batch, 2]``: ``(dy, dx)`` per image; ``out[y, x] = images[y - dy, x - dx]``.
-
-  Returns:
-    Array of the same shape and dtype.
-
-  >>> translate(np.arange(1, 4).reshape(1, 1, 3, 1), np.array([[0, 1]]))[0, 0, :, 0]
-  array([0, 1, 2])
-  """
-  batch, height, width, _ = images.shape
-  pad = int(np.abs(shifts).max(initial=0))
-  if pad == 0:
-    return images.copy()
-  padded = np.zeros((batch, height + 2 * pad, width + 2 * pad, images.shape[3]), dtype=images.dtype)
-  padded[:, pad : pad + height, pad : pad + width] = images
-  out = np.empty_like(images)
-  # One slice copy per distinct shift (at most (2 * pad + 1) ** 2) rather than per image:
-  # about 3x faster than a per-pixel fancy-index gather at batch 128.
-  distinct, group = np.unique(shifts, axis=0, return_inverse=True)
-  for g, (dy, dx) in enumerate(distinct):
-    members = np.flatnonzero(group.reshape(-1) == g)
-    out[members] = padded[members, pad - dy : pad - dy + height, pad - dx : pad - dx + width]
-  return out
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:

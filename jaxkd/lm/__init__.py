@@ -3,7 +3,8 @@
 ================  ======================================================================
 module            job
 ================  ======================================================================
-``objectives``    token-level KD objectives and the chunked-head model adapter
+``objectives``    token-level KD objectives and the model adapter that keeps the output head apart
+``chunked``       the step's output head applied a chunk of positions at a time (``chunk_size=``)
 ``topk_cache``    the teacher's top-k next-token targets, written once, read by shards
 ``text``          the standard-library code corpus, a byte-level BPE, token streaming
 ``transformer``   a small decoder-only transformer with a KV-cached sampler
@@ -11,20 +12,23 @@ module            job
 ================  ======================================================================
 """
 
-from jaxkd.lm import objectives, on_policy, text, topk_cache, transformer
+from jaxkd.lm import chunked, objectives, on_policy, text, topk_cache, transformer
+from jaxkd.lm.chunked import ChunkedHeads
 from jaxkd.lm.objectives import KINDS, TOPK_KEYS, lm_model, lm_objective, sparse_kd, token_kd
 from jaxkd.lm.on_policy import Completions
 from jaxkd.lm.topk_cache import JoinedSource, TopKCache, TopKCacheError, open_topk_cache, write_topk_cache
 from jaxkd.lm.transformer import TransformerLM, lm_config
 
 __all__ = [
-  "KINDS",
-  "TOPK_KEYS",
+  "ChunkedHeads",
   "Completions",
   "JoinedSource",
+  "KINDS",
+  "TOPK_KEYS",
   "TopKCache",
   "TopKCacheError",
   "TransformerLM",
+  "chunked",
   "lm_config",
   "lm_model",
   "lm_objective",

@@ -43,8 +43,8 @@ __all__ = ["lm_model", "token_kd", "sparse_kd", "lm_objective", "KINDS", "TOPK_K
 PyTree = Any
 Kind = Literal["forward", "reverse", "gjsd", "topk"]
 KINDS = ("forward", "reverse", "gjsd", "topk")
-# The batch entries a top-k cache adds (jaxkd.topk_cache.JoinedSource), read by sparse_kd.
-TOPK_KEYS = ("teacher_topk_logits", "teacher_topk_indices", "teacher_log_normalizer")
+# The batch entries a top-k cache adds (jaxkd.lm.topk_cache.JoinedSource), read by sparse_kd.
+TOPK_KEYS = objective_lib.TOPK_KEYS
 
 
 class _Head:
