@@ -64,15 +64,13 @@ __all__ = [
   "compute_teacher_logits",
   "describe",
   "describe_apply_fn",
-  "variables_fingerprint",
 ]
 
 _log = logging.getLogger(__name__)
 
 
-def variables_fingerprint(variables: Any) -> str:
-  """Hex SHA-256 of the teacher's variables (:func:`jaxkd.utils.tree_fingerprint`)."""
-  return tree_fingerprint(variables)
+# The old name of :func:`jaxkd.artifacts.tree_fingerprint`, kept (out of ``__all__``) for the experiments that call it.
+variables_fingerprint = tree_fingerprint
 
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
@@ -292,7 +290,7 @@ def cache_key(
   description = {
     "format": 2,
     "teacher": {
-      "variables_sha256": variables_fingerprint(variables),
+      "variables_sha256": tree_fingerprint(variables),
       "apply_fn": describe_apply_fn(apply_fn) if apply_description is None else f"given: {apply_description}",
     },
     "data": _dataset_description(data),

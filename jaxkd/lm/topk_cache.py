@@ -70,7 +70,7 @@ teacher saw at row ``i``: a reordered, re-tokenised or different corpus is an er
 Usage::
 
   key = topk_cache_key(
-    teacher_fingerprint=variables_fingerprint(teacher_params), corpus_fingerprint=corpus_sha256,
+    teacher_fingerprint=tree_fingerprint(teacher_params), corpus_fingerprint=corpus_sha256,
     tokenizer_fingerprint=tokenizer_sha256, k=32, temperature=1.0, length=1024, vocab_size=32000)
   teacher_fn = jax.jit(lambda tokens: teacher.apply(teacher_params, tokens))   # [b, L] -> [b, L, V]
   write_topk_cache(workdir / "topk", teacher_fn, sequences, k=32, key=key, vocab_size=32000)  # once
@@ -176,7 +176,7 @@ def topk_cache_key(
 
   Args:
     teacher_fingerprint: identifies the teacher's variables and code, e.g.
-      :func:`jaxkd.logit_cache.variables_fingerprint` of its variables combined with
+      :func:`jaxkd.artifacts.tree_fingerprint` of its variables combined with
       :func:`jaxkd.logit_cache.describe` of its apply function.
     corpus_fingerprint: identifies the sequences (their source, filtering and order), e.g. a hash of the files.
     tokenizer_fingerprint: identifies the tokenizer (e.g. a hash of its vocabulary file).

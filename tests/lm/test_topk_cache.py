@@ -322,7 +322,7 @@ def test_teacher_and_sequence_errors_are_caught_before_anything_is_written(tmp_p
   with pytest.raises(ValueError, match="cannot exceed vocab_size"):
     write(tmp_path, k=V + 1)
   assert not [name for name in os.listdir(tmp_path) if name.endswith(".json")]
-  with caplog.at_level(logging.WARNING, logger="jaxkd.topk_cache"):
+  with caplog.at_level(logging.WARNING, logger="jaxkd.lm.topk_cache"):
     cache = write(tmp_path, lambda tokens: teacher_fn(tokens) * 1e5)
   assert "clipped" in caplog.text
   assert np.isfinite(cache[0]["topk_logits"]).all() and cache[0]["topk_logits"].max() == np.float16(65504)
