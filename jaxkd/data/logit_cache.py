@@ -38,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import json
 import logging
 import math
 import os
@@ -54,7 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxkd.artifacts import tree_fingerprint, write_atomically
+from jaxkd.artifacts import array_sha256, json_digest, tree_fingerprint, write_atomically, write_json
 from jaxkd.data.batches import normalize
 from jaxkd.data.datasets import ArrayDataset
 
@@ -297,8 +296,8 @@ def cache_key(
     "preprocessing": {"normalize": {"mean": _stats(mean), "std": _stats(std)}},
     "key_parts": dict(key_parts or {}),
   }
-  encoded = json.dumps(description, sort_keys=True, default=repr).encode()
-  return hashlib.sha256(encoded).hexdigest()[:32], description
+  # json's default spacing, as keys had before jaxkd.artifacts: existing cache files keep their names.
+  return json_digest(description, default=repr, separators=None)[:32], description
 
 
 def compute_teacher_logits(
@@ -354,9 +353,7 @@ def compute_teacher_logits(
 
 
 def _checksum(logits: np.ndarray) -> str:
-  digest = hashlib.sha256(f"{logits.dtype.str}{logits.shape}".encode())
-  digest.update(np.ascontiguousarray(logits).data)
-  return digest.hexdigest()
+  return array_sha256(logits, layout=True)
 
 
 def _non_finite_rows(logits: np.ndarray) -> np.ndarray:
@@ -469,7 +466,6 @@ def cached_teacher_logits(
       "checkpoint?) and apply_fn before distilling from them."
     )
   # The description goes first and is only informational; the .npz (logits and their checksum) is what counts.
-  metadata = json.dumps(description, sort_keys=True, indent=2, default=repr).encode()
-  write_atomically(path[: -len(".npz")] + ".json", lambda f: f.write(metadata))
+  write_json(path[: -len(".npz")] + ".json", description, default=repr)
   write_atomically(path, lambda f: np.savez(f, logits=logits, sha256=np.array(_checksum(logits))))
   return logits

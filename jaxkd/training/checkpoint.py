@@ -38,7 +38,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxkd.artifacts import tree_fingerprint
+from jaxkd.artifacts import ArtifactError, tree_fingerprint
 
 __all__ = [
   "CheckpointDirectoryError",
@@ -55,11 +55,11 @@ log = logging.getLogger(__name__)
 PyTree = Any
 
 
-class CheckpointMismatchError(ValueError):
-  """A checkpoint's arrays do not match the model/state they are restored into."""
+class CheckpointMismatchError(ArtifactError):
+  """A checkpoint's arrays do not match the model/state they are restored into (a ValueError)."""
 
 
-class CheckpointIntegrityError(ValueError):
+class CheckpointIntegrityError(ArtifactError):
   """A checkpoint's arrays differ from the SHA-256 recorded when it was saved: its files changed on disk."""
 
 
