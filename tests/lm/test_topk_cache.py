@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxkd import artifacts
 from jaxkd.lm import topk_cache
 from jaxkd.lm.topk_cache import JoinedSource, TopKCacheError, open_topk_cache, topk_cache_key, write_topk_cache
 
@@ -329,13 +330,13 @@ def test_teacher_and_sequence_errors_are_caught_before_anything_is_written(tmp_p
 
 
 def test_each_shard_is_verified_once_when_first_read_even_from_many_threads(cache_dir, monkeypatch):
-  hashed, file_sha256 = [], topk_cache._file_sha256
+  hashed, file_sha256 = [], artifacts.file_sha256
 
   def counting_sha256(path):
     hashed.append(os.path.basename(path))
     return file_sha256(path)
 
-  monkeypatch.setattr(topk_cache, "_file_sha256", counting_sha256)
+  monkeypatch.setattr(artifacts, "file_sha256", counting_sha256)  # The file hash of every artifact's check.
   cache = open_topk_cache(cache_dir, key=KEY)
   assert hashed == []  # Opening reads no shard.
   cache[9]
