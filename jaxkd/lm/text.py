@@ -458,6 +458,28 @@ def _load_checked(path: str, meta: Mapping[str, Any]) -> np.ndarray:
   return tokens
 
 
+def _encode_documents(
+  tokenizer: tokenizers.Tokenizer, texts: Iterator[str], separator: int, documents_per_call: int
+) -> np.ndarray:
+  """``[sep, doc_1..., sep, doc_2..., ...]`` of ``texts``, in the tokenizer's token dtype."""
+  dtype = _token_dtype(tokenizer)
+  pieces = []
+  literal_special = tokenizer.encode_special_tokens
+  # A literal "<|endoftext|>" in a document is text, not a separator; the setting is not part of to_str(), so the
+  # fingerprint is unaffected.
+  tokenizer.encode_special_tokens = True
+  try:
+    # encode_batch_fast (tokenizers >= 0.21) skips the character offsets, which halves the time here.
+    encode_batch = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+    while chunk := list(itertools.islice(texts, documents_per_call)):
+      for encoding in encode_batch(chunk, add_special_tokens=False):
+        pieces.append(np.array([separator], dtype))
+        pieces.append(np.asarray(encoding.ids, dtype))
+  finally:
+    tokenizer.encode_special_tokens = literal_special
+  return np.concatenate(pieces)
+
+
 def tokenize_split(
   corpus: CodeCorpus,
   tokenizer: tokenizers.Tokenizer,
@@ -522,23 +544,7 @@ def tokenize_split(
   files = corpus.source_files(split)
   if not files:
     raise ValueError(f"split {split!r} of {corpus!r} has no file to tokenize.")
-  dtype = _token_dtype(tokenizer)
-  pieces = []
-  literal_special = tokenizer.encode_special_tokens
-  # A literal "<|endoftext|>" in a document is text, not a separator; the setting is not part of to_str(), so the
-  # fingerprint is unaffected.
-  tokenizer.encode_special_tokens = True
-  try:
-    # encode_batch_fast (tokenizers >= 0.21) skips the character offsets, which halves the time here.
-    encode_batch = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
-    texts = corpus.texts(split)
-    while chunk := list(itertools.islice(texts, documents_per_call)):
-      for encoding in encode_batch(chunk, add_special_tokens=False):
-        pieces.append(np.array([separator], dtype))
-        pieces.append(np.asarray(encoding.ids, dtype))
-  finally:
-    tokenizer.encode_special_tokens = literal_special
-  tokens = np.concatenate(pieces)
+  tokens = _encode_documents(tokenizer, corpus.texts(split), separator, documents_per_call)
   meta = {
     **wanted,
     "num_tokens": len(tokens),
