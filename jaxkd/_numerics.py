@@ -1,7 +1,8 @@
 """Numerical helpers shared by the loss modules: float32 promotion and NaN-free gradients at the edges.
 
-Private to the package: the names are public so that :mod:`jaxkd.losses`, :mod:`jaxkd.logit_losses`,
-:mod:`jaxkd.features` and :mod:`jaxkd.relations` can import them, but users should not.
+Private to the package: the names are public so that the loss modules of :mod:`jaxkd.losses` (``_hinton``,
+``_logit``, ``_features``, ``_relations``, ``_crd``...) share one definition of each (one ``l2_normalize``, not a
+copy per module), but users should not import them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ __all__ = [
   "cross_entropy_terms",
   "kl_terms",
   "safe_norm",
+  "l2_normalize",
   "nan_where",
   "undefined_distribution",
   "as_temperature",
@@ -52,6 +54,11 @@ def safe_norm(x: jax.Array, axis: int | tuple[int, ...] = -1, keepdims: bool = F
   squared = jnp.sum(x * x, axis=axis, keepdims=keepdims)
   positive = squared > 0
   return jnp.where(positive, jnp.sqrt(jnp.where(positive, squared, 1.0)), 0.0)
+
+
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
+  """``x / max(||x||, eps)`` with a finite gradient at the zero vector (``torch.nn.functional.normalize``)."""
+  return x / jnp.maximum(safe_norm(x, axis=axis, keepdims=True), eps)
 
 
 def nan_where(undefined: jax.Array, values: jax.Array) -> jax.Array:

@@ -38,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import json
 import logging
 import math
 import os
@@ -54,7 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxkd.artifacts import tree_fingerprint, write_atomically
+from jaxkd.artifacts import array_sha256, json_digest, tree_fingerprint, write_atomically, write_json
 from jaxkd.data.batches import normalize
 from jaxkd.data.datasets import ArrayDataset
 
@@ -64,15 +63,13 @@ __all__ = [
   "compute_teacher_logits",
   "describe",
   "describe_apply_fn",
-  "variables_fingerprint",
 ]
 
 _log = logging.getLogger(__name__)
 
 
-def variables_fingerprint(variables: Any) -> str:
-  """Hex SHA-256 of the teacher's variables (:func:`jaxkd.utils.tree_fingerprint`)."""
-  return tree_fingerprint(variables)
+# The old name of :func:`jaxkd.artifacts.tree_fingerprint`, kept (out of ``__all__``) for the experiments that call it.
+variables_fingerprint = tree_fingerprint
 
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
@@ -292,15 +289,15 @@ def cache_key(
   description = {
     "format": 2,
     "teacher": {
-      "variables_sha256": variables_fingerprint(variables),
+      "variables_sha256": tree_fingerprint(variables),
       "apply_fn": describe_apply_fn(apply_fn) if apply_description is None else f"given: {apply_description}",
     },
     "data": _dataset_description(data),
     "preprocessing": {"normalize": {"mean": _stats(mean), "std": _stats(std)}},
     "key_parts": dict(key_parts or {}),
   }
-  encoded = json.dumps(description, sort_keys=True, default=repr).encode()
-  return hashlib.sha256(encoded).hexdigest()[:32], description
+  # json's default spacing, as keys had before jaxkd.artifacts: existing cache files keep their names.
+  return json_digest(description, default=repr, separators=None)[:32], description
 
 
 def compute_teacher_logits(
@@ -356,9 +353,7 @@ def compute_teacher_logits(
 
 
 def _checksum(logits: np.ndarray) -> str:
-  digest = hashlib.sha256(f"{logits.dtype.str}{logits.shape}".encode())
-  digest.update(np.ascontiguousarray(logits).data)
-  return digest.hexdigest()
+  return array_sha256(logits, layout=True)
 
 
 def _non_finite_rows(logits: np.ndarray) -> np.ndarray:
@@ -471,7 +466,6 @@ def cached_teacher_logits(
       "checkpoint?) and apply_fn before distilling from them."
     )
   # The description goes first and is only informational; the .npz (logits and their checksum) is what counts.
-  metadata = json.dumps(description, sort_keys=True, indent=2, default=repr).encode()
-  write_atomically(path[: -len(".npz")] + ".json", lambda f: f.write(metadata))
+  write_json(path[: -len(".npz")] + ".json", description, default=repr)
   write_atomically(path, lambda f: np.savez(f, logits=logits, sha256=np.array(_checksum(logits))))
   return logits

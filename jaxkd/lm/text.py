@@ -68,7 +68,15 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from jaxkd.artifacts import write_atomically
+from jaxkd.artifacts import (
+  ArtifactError,
+  ArtifactMismatchError,
+  array_sha256,
+  mismatch_message,
+  read_json_object,
+  write_atomically,
+  write_json,
+)
 from jaxkd.data.batches import shard_bounds
 from jaxkd.data.datasets import DamagedDataError
 
@@ -290,8 +298,7 @@ def _meta_path(path: str) -> str:
 
 
 def _write_meta(path: str, meta: Mapping[str, Any]) -> None:
-  text = json.dumps(dict(meta), sort_keys=True, indent=2).encode()
-  write_atomically(_meta_path(path), lambda f: f.write(text))
+  write_json(_meta_path(path), dict(meta))
 
 
 def _read_meta(path: str) -> dict[str, Any] | None:
@@ -300,24 +307,14 @@ def _read_meta(path: str) -> dict[str, Any] | None:
   if not os.path.exists(meta_path):
     return None
   try:
-    with open(meta_path, encoding="utf-8") as f:
-      meta = json.load(f)
-  except (OSError, ValueError) as e:
-    raise DamagedDataError(
-      f"{meta_path} (the record of {path}) is unreadable ({type(e).__name__}: {e}); delete both files to rebuild."
-    ) from e
-  if not isinstance(meta, dict):
-    raise DamagedDataError(f"{meta_path} (the record of {path}) is not a JSON object; delete both files to rebuild.")
-  return meta
+    return read_json_object(meta_path, what=f"the record of {path}", remedy="Delete both files to rebuild.")
+  except ArtifactError as e:
+    raise DamagedDataError(str(e)) from e
 
 
 def _mismatch(path: str, recorded: Mapping[str, Any], wanted: Mapping[str, Any]) -> str | None:
   """A sentence naming what ``path`` was made from against what is asked for; None when they agree."""
-  differing = [key for key in wanted if recorded.get(key) != wanted[key]]
-  if not differing:
-    return None
-  details = "; ".join(f"{key}: file {recorded.get(key)!r}, asked {wanted[key]!r}" for key in differing)
-  return f"{path} was made from something else ({details}). Pass overwrite=True to rebuild it, or use another path."
+  return mismatch_message(path, recorded, wanted, remedy="Pass overwrite=True to rebuild it, or use another path.")
 
 
 def _prepare_overwrite(path: str) -> None:
@@ -393,7 +390,7 @@ def train_tokenizer(
       _log.info("Tokenizer: reusing %s.", path)
       return tokenizer
     if not overwrite:
-      raise ValueError(problem)
+      raise ArtifactMismatchError(problem)
     _prepare_overwrite(path)
 
   tokenizer = _new_tokenizer()
@@ -430,15 +427,6 @@ def _token_dtype(tokenizer: tokenizers.Tokenizer) -> np.dtype:
   return np.dtype(np.uint16 if tokenizer.get_vocab_size() <= 2**16 else np.uint32)
 
 
-def _array_sha256(tokens: np.ndarray) -> str:
-  digest = hashlib.sha256()
-  flat = tokens.reshape(-1)
-  # In chunks, so that hashing a memory-mapped file does not hold all of it in memory at once.
-  for start in range(0, len(flat), 1 << 22):
-    digest.update(np.ascontiguousarray(flat[start : start + (1 << 22)]).data)
-  return digest.hexdigest()
-
-
 def load_tokens(path: str | os.PathLike) -> np.ndarray:
   """The token array saved at ``path`` by :func:`tokenize_split`, memory-mapped read-only, after checking it.
 
@@ -465,9 +453,31 @@ def _load_checked(path: str, meta: Mapping[str, Any]) -> np.ndarray:
       f"token file {path} holds {tokens.dtype.str}{tokens.shape}, but its record says {meta.get('dtype')}"
       f"[{meta.get('num_tokens')}]. {remedy}"
     )
-  if _array_sha256(tokens) != meta.get("sha256"):
+  if array_sha256(tokens) != meta.get("sha256"):
     raise DamagedDataError(f"token file {path} fails its checksum: it changed after it was written. {remedy}")
   return tokens
+
+
+def _encode_documents(
+  tokenizer: tokenizers.Tokenizer, texts: Iterator[str], separator: int, documents_per_call: int
+) -> np.ndarray:
+  """``[sep, doc_1..., sep, doc_2..., ...]`` of ``texts``, in the tokenizer's token dtype."""
+  dtype = _token_dtype(tokenizer)
+  pieces = []
+  literal_special = tokenizer.encode_special_tokens
+  # A literal "<|endoftext|>" in a document is text, not a separator; the setting is not part of to_str(), so the
+  # fingerprint is unaffected.
+  tokenizer.encode_special_tokens = True
+  try:
+    # encode_batch_fast (tokenizers >= 0.21) skips the character offsets, which halves the time here.
+    encode_batch = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+    while chunk := list(itertools.islice(texts, documents_per_call)):
+      for encoding in encode_batch(chunk, add_special_tokens=False):
+        pieces.append(np.array([separator], dtype))
+        pieces.append(np.asarray(encoding.ids, dtype))
+  finally:
+    tokenizer.encode_special_tokens = literal_special
+  return np.concatenate(pieces)
 
 
 def tokenize_split(
@@ -528,29 +538,13 @@ def tokenize_split(
         _log.info("Tokens: reusing %s.", path)
         return _load_checked(path, meta)
       if not overwrite:
-        raise ValueError(problem)
+        raise ArtifactMismatchError(problem)
     _prepare_overwrite(path)
 
   files = corpus.source_files(split)
   if not files:
     raise ValueError(f"split {split!r} of {corpus!r} has no file to tokenize.")
-  dtype = _token_dtype(tokenizer)
-  pieces = []
-  literal_special = tokenizer.encode_special_tokens
-  # A literal "<|endoftext|>" in a document is text, not a separator; the setting is not part of to_str(), so the
-  # fingerprint is unaffected.
-  tokenizer.encode_special_tokens = True
-  try:
-    # encode_batch_fast (tokenizers >= 0.21) skips the character offsets, which halves the time here.
-    encode_batch = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
-    texts = corpus.texts(split)
-    while chunk := list(itertools.islice(texts, documents_per_call)):
-      for encoding in encode_batch(chunk, add_special_tokens=False):
-        pieces.append(np.array([separator], dtype))
-        pieces.append(np.asarray(encoding.ids, dtype))
-  finally:
-    tokenizer.encode_special_tokens = literal_special
-  tokens = np.concatenate(pieces)
+  tokens = _encode_documents(tokenizer, corpus.texts(split), separator, documents_per_call)
   meta = {
     **wanted,
     "num_tokens": len(tokens),
@@ -558,7 +552,7 @@ def tokenize_split(
     "num_documents": len(files),
     "dtype": tokens.dtype.str,
     "separator_id": separator,
-    "sha256": _array_sha256(tokens),
+    "sha256": array_sha256(tokens),
   }
   write_atomically(path, lambda f: np.save(f, tokens, allow_pickle=False))
   _write_meta(path, meta)

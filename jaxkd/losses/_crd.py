@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxkd._numerics import as_float, safe_norm
+from jaxkd._numerics import as_float, l2_normalize
 
 __all__ = [
   "CRDHeads",
@@ -55,11 +55,6 @@ __all__ = [
   "crd_init_state",
   "crd_step",
 ]
-
-
-def _l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
-  # The same one-liner as jaxkd.relations' private helper, copied so that neither module imports the other's.
-  return x / jnp.maximum(safe_norm(x, axis=axis, keepdims=True), eps)
 
 
 # ---------------------------------------------------------------- memory bank, heads and loss
@@ -128,7 +123,7 @@ class CRDHeads(nn.Module):
     teacher_features = teacher_features.reshape(teacher_features.shape[0], -1)
     student_embed = nn.Dense(self.features, dtype=self.dtype, name="student_embed")(student_features)
     teacher_embed = nn.Dense(self.features, dtype=self.dtype, name="teacher_embed")(teacher_features)
-    return _l2_normalize(as_float(student_embed)), _l2_normalize(as_float(teacher_embed))
+    return l2_normalize(as_float(student_embed)), l2_normalize(as_float(teacher_embed))
 
 
 def crd_sample_contrast_indices(
@@ -368,7 +363,7 @@ def crd_update_memory(
   def update(bank: jax.Array, embed: jax.Array) -> jax.Array:
     bank = jnp.asarray(bank)
     rows = momentum * bank[indices].astype(embed.dtype) + (1.0 - momentum) * embed
-    return bank.at[indices].set(_l2_normalize(rows).astype(bank.dtype))
+    return bank.at[indices].set(l2_normalize(rows).astype(bank.dtype))
 
   return CRDMemory(student=update(memory.student, student_embed), teacher=update(memory.teacher, teacher_embed))
 

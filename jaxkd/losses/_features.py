@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxkd._checks import check_feature_pair, check_features, check_same_positions
-from jaxkd._numerics import as_float, safe_norm
+from jaxkd._numerics import as_float, l2_normalize
 
 __all__ = [
   "HintRegressor",
@@ -42,11 +42,6 @@ __all__ = [
 
 def _per_example_mean(x: jax.Array) -> jax.Array:
   return jnp.mean(x.reshape(x.shape[0], -1), axis=-1)
-
-
-def _l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
-  """``x / max(||x||, eps)`` with a finite gradient at the zero vector (``torch.nn.functional.normalize``)."""
-  return x / jnp.maximum(safe_norm(x, axis=axis, keepdims=True), eps)
 
 
 # ---------------------------------------------------------------- FitNet
@@ -148,7 +143,7 @@ def attention_map(features: jax.typing.ArrayLike, *, p: float = 2.0) -> jax.Arra
     raise ValueError(f"p must be > 0, got {p!r}.")
   magnitude = features * features if p == 2 else jnp.abs(features) ** p
   attention = jnp.mean(magnitude, axis=-1).reshape(features.shape[0], -1)  # [batch, positions]
-  return _l2_normalize(attention)
+  return l2_normalize(attention)
 
 
 def attention_transfer_loss(
@@ -241,7 +236,7 @@ def nst_loss(
 
   def channels(x: jax.Array) -> jax.Array:
     x = x.reshape(x.shape[0], -1, x.shape[-1])  # [batch, positions, channels]
-    return _l2_normalize(jnp.swapaxes(x, 1, 2))  # [batch, channels, positions], unit rows
+    return l2_normalize(jnp.swapaxes(x, 1, 2))  # [batch, channels, positions], unit rows
 
   def kernel_mean(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.mean((jnp.einsum("bip,bjp->bij", a, b) + constant) ** degree, axis=(1, 2))

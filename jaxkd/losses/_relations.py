@@ -34,7 +34,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxkd._numerics import as_float, cross_entropy_terms, nan_where, safe_norm
+from jaxkd._numerics import as_float, cross_entropy_terms, l2_normalize, nan_where, safe_norm
 
 __all__ = [
   "similarity_preserving_loss",
@@ -44,10 +44,6 @@ __all__ = [
   "pkt_loss",
   "cc_loss",
 ]
-
-
-def _l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
-  return x / jnp.maximum(safe_norm(x, axis=axis, keepdims=True), eps)
 
 
 def _prepare(
@@ -147,8 +143,8 @@ def similarity_preserving_loss(
     https://arxiv.org/abs/1907.09682
   """
   student, teacher, mask = _prepare(student, teacher, where, axis_name)
-  student_gram = _l2_normalize(student @ student.T)  # [batch, batch]
-  teacher_gram = _l2_normalize(teacher @ teacher.T)
+  student_gram = l2_normalize(student @ student.T)  # [batch, batch]
+  teacher_gram = l2_normalize(teacher @ teacher.T)
   count = jnp.maximum(jnp.sum(mask), 1).astype(student.dtype)
   return jnp.sum(jnp.square(teacher_gram - student_gram)) / count**2
 
@@ -220,7 +216,7 @@ def rkd_distance_loss(
 
 def _angles(x: jax.Array) -> jax.Array:
   """cos of the angle at x_a between x_b and x_c: [a, b, c]; 0 where x_b or x_c coincides with x_a."""
-  directions = _l2_normalize(x[None, :, :] - x[:, None, :])  # [a, b, features]: unit (x_b - x_a)
+  directions = l2_normalize(x[None, :, :] - x[:, None, :])  # [a, b, features]: unit (x_b - x_a)
   return jnp.einsum("abf,acf->abc", directions, directions)
 
 
@@ -435,7 +431,7 @@ def cc_loss(
   student, teacher, mask = _prepare(student, teacher, where, axis_name)
 
   def correlation(x: jax.Array) -> jax.Array:
-    x = _l2_normalize(x)
+    x = l2_normalize(x)
     similarity = x @ x.T
     if taylor_order is None:
       return jnp.exp(-2.0 * gamma * (1.0 - similarity))

@@ -11,6 +11,19 @@ to the teacher's top k in one of two ways:
 * ``tail="bucket"``: the k classes plus one bucket for all the others, the exact KL of the two coarsened
   (k + 1)-class distributions (as in TRL's and DistillKit's sparse distillation).
 
+Why ``"renormalize"`` is the default: in this repository's language-model calibration (``CALIBRATION.md``: a
+weak, uncertain teacher whose top 8 held 54% of its probability and top 32 67%), renormalising was *better* than
+the tail bucket by about 0.014 test bits/byte at both k = 8 and k = 32, and top-32 renormalised matched dense KD
+within noise; it also needs no normaliser in the cache. The bucket's extra term asks the student to spread the
+teacher's missing mass over the tail with no guidance where, which with an uncertain teacher is a large, blunt
+target. ``"bucket"`` is the exact divergence of what the cache knows and keeps the teacher's confidence (a
+renormalised teacher looks equally sure whether its top k hold 99% or 50%); prefer it for confident teachers
+whose top k hold nearly all the mass, where the two differ little, or when the tail's calibration matters.
+Prefer it also for short schedules: with the same teacher and students of only 100 steps
+(``experiments/lm_distill.py``, README) the renormalised top-8/32/128 students ended *worse* than scratch
+(2.52/2.51/2.44 bits/byte against 2.34) and the bucket ones better (2.30/2.28/2.26): a young student still has
+to learn how much mass the tail holds, which renormalising never tells it.
+
 The conventions are those of :mod:`jaxkd.logit_losses`: pure per-token losses (the caller reduces), keyword-only
 hyperparameters, float32 arithmetic whatever the input dtype (a cache stores 16-bit logits and ``uint16``
 indices), the teacher side under ``stop_gradient``, user errors raised from static shapes at trace time, and a
@@ -245,18 +258,7 @@ def sparse_kd_loss(
   it stays accurate when the top k hold almost all the mass, and :math:`q_\mathrm{tail}` as a ``logsumexp`` over
   the classes not in :math:`\mathcal{I}` (a scattered ``[..., V]`` mask).
 
-  Why ``"renormalize"`` is the default: in this repository's language-model calibration (``CALIBRATION.md``: a
-  weak, uncertain teacher whose top 8 held 54% of its probability and top 32 67%), renormalising was *better* than
-  the tail bucket by about 0.014 test bits/byte at both k = 8 and k = 32, and top-32 renormalised matched dense KD
-  within noise; it also needs no normaliser in the cache. The bucket's extra term asks the student to spread the
-  teacher's missing mass over the tail with no guidance where, which with an uncertain teacher is a large, blunt
-  target. ``"bucket"`` is the exact divergence of what the cache knows and keeps the teacher's confidence (a
-  renormalised teacher looks equally sure whether its top k hold 99% or 50%); prefer it for confident teachers
-  whose top k hold nearly all the mass, where the two differ little, or when the tail's calibration matters.
-  Prefer it also for short schedules: with the same teacher and students of only 100 steps
-  (``experiments/lm_distill.py``, README) the renormalised top-8/32/128 students ended *worse* than scratch
-  (2.52/2.51/2.44 bits/byte against 2.34) and the bucket ones better (2.30/2.28/2.26): a young student still has
-  to learn how much mass the tail holds, which renormalising never tells it.
+  Why ``"renormalize"`` is the default, and when to prefer ``"bucket"``: see the module docstring.
 
   The k indices of a position must be *distinct* (as :func:`teacher_topk` makes them); duplicates are not checked
   (that costs a sort) and would count their class twice. A 16-bit cache rounds the logits (bfloat16 by up to
@@ -296,6 +298,20 @@ def sparse_kd_loss(
   References:
     Hinton et al., *Distilling the Knowledge in a Neural Network*, 2015.
   """
+  checked = _checked_inputs(student_logits, topk_logits, topk_indices, log_normalizer, temperature, tail, position_mask)
+  return _sparse_kd_loss(*checked, tail=tail)
+
+
+def _checked_inputs(
+  student_logits: jax.typing.ArrayLike,
+  topk_logits: jax.typing.ArrayLike,
+  topk_indices: jax.typing.ArrayLike,
+  log_normalizer: jax.typing.ArrayLike | None,
+  temperature: jax.typing.ArrayLike,
+  tail: str,
+  position_mask: jax.typing.ArrayLike | None,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None, jax.Array, jax.Array | None]:
+  """:func:`sparse_kd_loss`'s arguments checked (raising its errors) and cast, in :func:`_sparse_kd_loss`'s order."""
   # The arguments as given: under jit, jnp.asarray makes even NumPy constants tracers, which cannot be checked.
   given_indices, given_mask = topk_indices, position_mask
   _check_tail(tail)
@@ -317,9 +333,7 @@ def sparse_kd_loss(
   # Cast before comparing: a uint16 index compared with -1 would be promoted, not tested. uint32 indices past the
   # int32 range wrap to negatives and are caught as out of range.
   topk_indices = topk_indices.astype(jnp.int32)
-  return _sparse_kd_loss(
-    student_logits, topk_logits, topk_indices, log_normalizer, temperature, position_mask, tail=tail
-  )
+  return student_logits, topk_logits, topk_indices, log_normalizer, temperature, position_mask
 
 
 # One compiled computation for the checked arguments: called eagerly, the loss compiles once per shape instead of

@@ -38,7 +38,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxkd.artifacts import tree_fingerprint
+from jaxkd.artifacts import ArtifactError, tree_fingerprint
 
 __all__ = [
   "CheckpointDirectoryError",
@@ -46,7 +46,6 @@ __all__ = [
   "Checkpointer",
   "CheckpointMismatchError",
   "Restored",
-  "fingerprint",
   "load_variables",
   "stored_json",
 ]
@@ -56,11 +55,11 @@ log = logging.getLogger(__name__)
 PyTree = Any
 
 
-class CheckpointMismatchError(ValueError):
-  """A checkpoint's arrays do not match the model/state they are restored into."""
+class CheckpointMismatchError(ArtifactError):
+  """A checkpoint's arrays do not match the model/state they are restored into (a ValueError)."""
 
 
-class CheckpointIntegrityError(ValueError):
+class CheckpointIntegrityError(ArtifactError):
   """A checkpoint's arrays differ from the SHA-256 recorded when it was saved: its files changed on disk."""
 
 
@@ -84,13 +83,9 @@ class Restored:
   meta: Any = None
 
 
-def fingerprint(tree: PyTree) -> str:
-  """A short (16 hex digits) SHA-256 of a pytree's structure, shapes, dtypes and values.
-
-  Used to record which teacher a student learned from; any changed parameter
-  changes it. The teacher-logit cache keys on the full digest of the same hash.
-  """
-  return tree_fingerprint(tree)[:16]
+# Digits of :func:`jaxkd.artifacts.tree_fingerprint` that :func:`load_variables` records as a checkpoint's
+# provenance (``info['fingerprint']``); runs record it, so its length stays what it was.
+FINGERPRINT_DIGITS = 16
 
 
 def _to_host(tree: PyTree) -> PyTree:
@@ -601,4 +596,8 @@ def load_variables(path: os.PathLike | str, *, step: int | None = None) -> tuple
   finally:
     manager.close()
   variables = {"params": model["params"], "batch_stats": model.get("batch_stats", {}) or {}}
-  return variables, {"path": str(path), "step": int(candidate), "fingerprint": fingerprint(variables)}
+  return variables, {
+    "path": str(path),
+    "step": int(candidate),
+    "fingerprint": tree_fingerprint(variables)[:FINGERPRINT_DIGITS],
+  }

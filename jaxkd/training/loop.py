@@ -139,13 +139,8 @@ def fit(
     jaxkd.checkpoint.CheckpointDirectoryError: ``workdir/checkpoints`` cannot be created or written (before any
       step).
   """
-  if getattr(train_step, "placement", None) is None:
-    raise TypeError("train_step must come from jaxkd.make_train_step (fit places the state with its .placement).")
-  steps_per_call = getattr(train_step, "steps_per_call", 1)
-  user_hooks = [hooks_lib.as_hook(hook) for hook in hooks]
   periods = dict(num_steps=num_steps, checkpoint_every=checkpoint_every, log_every=log_every, eval_every=eval_every)
-  periods.update({f"hooks[{i}].every": hook.every for i, hook in enumerate(user_hooks)})
-  _check_multiples(periods, steps_per_call)
+  user_hooks = _user_hooks(train_step, hooks, periods)
   workdir = pathlib.Path(workdir) if workdir is not None else None
   checkpointer = writer = None
   if workdir is not None:
@@ -160,10 +155,7 @@ def fit(
     writer = MetricsWriter(workdir, tensorboard=tensorboard, resumed_from=start) if workdir else None
     loop = _make_loop(train_step, state, teacher_variables, train_data, num_steps, checkpointer, writer)
     all_hooks = [
-      hooks_lib.PreemptionHook(stop_after),
-      hooks_lib.MetricsHook(log_every, progress=progress),
-      hooks_lib.NonFiniteHook(max_consecutive_nonfinite),
-      *([hooks_lib.EvalHook(eval_fn, eval_every)] if eval_fn is not None else []),
+      *_builtin_hooks(stop_after, log_every, progress, max_consecutive_nonfinite, eval_fn, eval_every),
       *user_hooks,
       hooks_lib.CheckpointHook(checkpoint_every, config=config, meta=meta),
     ]
@@ -175,6 +167,41 @@ def fit(
       checkpointer.close()
     if writer is not None:
       writer.close()
+  return _fit_result(loop, resumed_from)
+
+
+def _user_hooks(
+  train_step: Callable, hooks: Sequence[Hook | Callable[[int, Loop], Any]], periods: dict[str, int]
+) -> list[Hook]:
+  """The user's hooks as :class:`Hook` objects, after checking ``train_step`` and that every period (``periods``
+  and each hook's) is a multiple of its ``steps_per_call``."""
+  if getattr(train_step, "placement", None) is None:
+    raise TypeError("train_step must come from jaxkd.make_train_step (fit places the state with its .placement).")
+  steps_per_call = getattr(train_step, "steps_per_call", 1)
+  user_hooks = [hooks_lib.as_hook(hook) for hook in hooks]
+  periods = {**periods, **{f"hooks[{i}].every": hook.every for i, hook in enumerate(user_hooks)}}
+  _check_multiples(periods, steps_per_call)
+  return user_hooks
+
+
+def _builtin_hooks(
+  stop_after: int | None,
+  log_every: int,
+  progress: bool | str,
+  max_consecutive_nonfinite: int,
+  eval_fn: Callable[[TrainState], Mapping[str, float]] | None,
+  eval_every: int,
+) -> list[Hook]:
+  """The hooks that run before the user's: preemption, metrics, the non-finite guard and evaluation."""
+  return [
+    hooks_lib.PreemptionHook(stop_after),
+    hooks_lib.MetricsHook(log_every, progress=progress),
+    hooks_lib.NonFiniteHook(max_consecutive_nonfinite),
+    *([hooks_lib.EvalHook(eval_fn, eval_every)] if eval_fn is not None else []),
+  ]
+
+
+def _fit_result(loop: Loop, resumed_from: int | None) -> FitResult:
   return FitResult(
     state=loop.host_state(),
     step=loop.step,

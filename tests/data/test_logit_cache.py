@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from jaxkd import data
+from jaxkd.artifacts import tree_fingerprint
 from jaxkd.data import logit_cache
 from jaxkd.data.datasets import ArrayDataset
 from jaxkd.models import MLP
@@ -178,7 +179,7 @@ def test_damaged_cache_file_is_recomputed_with_a_warning(teacher, tmp_path, capl
       damaged[40] = np.nan
     checksum = logit_cache._checksum(damaged) if damage == "nan_row_with_its_checksum" else None
     rewrite(path, damaged, checksum=checksum)
-  with caplog.at_level("WARNING", logger="jaxkd.logit_cache"):
+  with caplog.at_level("WARNING", logger="jaxkd.data.logit_cache"):
     logits = logit_cache.cached_teacher_logits(apply_fn, variables, ds, cache_dir=tmp_path)
   assert apply_fn.traces == 2  # Recomputed, not read.
   np.testing.assert_array_equal(logits, expected)
@@ -269,14 +270,16 @@ def test_describe_is_stable_and_tells_apart_what_acts_differently():
   assert "0x" not in logit_cache.describe(jax.jit(lambda v, x: model.apply(v, x)))
 
 
-def test_variables_fingerprint_sees_structure_and_values():
+def test_teacher_variables_are_keyed_by_the_one_tree_fingerprint():
   a = {"params": {"w": np.zeros((2, 2), np.float32)}}
-  assert logit_cache.variables_fingerprint(a) == logit_cache.variables_fingerprint({"params": {"w": jnp.zeros((2, 2))}})
-  assert logit_cache.variables_fingerprint(a) != logit_cache.variables_fingerprint({"params": {"v": np.zeros((2, 2))}})
-  assert logit_cache.variables_fingerprint(a) != logit_cache.variables_fingerprint({"params": {"w": np.zeros((4,))}})
-  assert logit_cache.variables_fingerprint(a) != logit_cache.variables_fingerprint(
-    {"params": {"w": np.zeros((2, 2), np.float16)}}
-  )
+  assert tree_fingerprint(a) == tree_fingerprint({"params": {"w": jnp.zeros((2, 2))}})
+  assert tree_fingerprint(a) != tree_fingerprint({"params": {"v": np.zeros((2, 2))}})
+  assert tree_fingerprint(a) != tree_fingerprint({"params": {"w": np.zeros((4,))}})
+  assert tree_fingerprint(a) != tree_fingerprint({"params": {"w": np.zeros((2, 2), np.float16)}})
+  _, description = logit_cache.cache_key(lambda v, x: x, a, np.zeros((1, 2, 2, 1), np.uint8))
+  assert description["teacher"]["variables_sha256"] == tree_fingerprint(a)
+  # The old name is the same function, kept for the experiments.
+  assert logit_cache.variables_fingerprint is tree_fingerprint and "variables_fingerprint" not in logit_cache.__all__
 
 
 def test_pipeline_carries_cached_logits_aligned_with_its_images(teacher, tmp_path):

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxkd import artifacts
 from jaxkd.lm import topk_cache
 from jaxkd.lm.topk_cache import JoinedSource, TopKCacheError, open_topk_cache, topk_cache_key, write_topk_cache
 
@@ -322,20 +323,20 @@ def test_teacher_and_sequence_errors_are_caught_before_anything_is_written(tmp_p
   with pytest.raises(ValueError, match="cannot exceed vocab_size"):
     write(tmp_path, k=V + 1)
   assert not [name for name in os.listdir(tmp_path) if name.endswith(".json")]
-  with caplog.at_level(logging.WARNING, logger="jaxkd.topk_cache"):
+  with caplog.at_level(logging.WARNING, logger="jaxkd.lm.topk_cache"):
     cache = write(tmp_path, lambda tokens: teacher_fn(tokens) * 1e5)
   assert "clipped" in caplog.text
   assert np.isfinite(cache[0]["topk_logits"]).all() and cache[0]["topk_logits"].max() == np.float16(65504)
 
 
 def test_each_shard_is_verified_once_when_first_read_even_from_many_threads(cache_dir, monkeypatch):
-  hashed, file_sha256 = [], topk_cache._file_sha256
+  hashed, file_sha256 = [], artifacts.file_sha256
 
   def counting_sha256(path):
     hashed.append(os.path.basename(path))
     return file_sha256(path)
 
-  monkeypatch.setattr(topk_cache, "_file_sha256", counting_sha256)
+  monkeypatch.setattr(artifacts, "file_sha256", counting_sha256)  # The file hash of every artifact's check.
   cache = open_topk_cache(cache_dir, key=KEY)
   assert hashed == []  # Opening reads no shard.
   cache[9]
