@@ -5,21 +5,19 @@ A checkpoint step directory holds six orbax items:
 - ``model``: ``{'params', 'batch_stats'}``, all that inference or a teacher needs;
 - ``train``: ``{'opt_state', 'step', 'rng', 'adapters', 'term_state'}``, the rest of the student's
   :class:`jaxkd.TrainState` (the key stored as raw key data);
-- ``data``: the input iterator's position (JSON), so a resumed run sees the
-  same batches an uninterrupted one would;
+- ``data``: the input iterator's position (JSON), so a resumed run sees the same batches an uninterrupted one would;
 - ``config``: the run's resolved config (JSON);
 - ``meta``: provenance (JSON): e.g. which teacher checkpoint the student learned from;
 - ``integrity``: SHA-256 digests of the ``model`` and ``train`` arrays (JSON), checked on every read.
 
-Splitting ``model`` from ``train`` lets a teacher or an exported student be read
-without its optimizer state. Saves are asynchronous (orbax writes in the background
-while training goes on); orbax writes each step into a temporary directory and
-renames it when complete, so a save killed half-way is never taken for a checkpoint.
+Splitting ``model`` from ``train`` lets a teacher or an exported student be read without its optimizer state.
+Saves are asynchronous (orbax writes in the background while training goes on); orbax writes each step into a
+temporary directory and renames it when complete, so a save killed half-way is never taken for a checkpoint.
 
-Orbax (0.12.8) checks the CRC-32C of its OCDBT b-tree nodes, which hold small arrays inline, but not of the
-data files that hold larger arrays: flipped bytes there restore silently. Hence the ``integrity`` item. A
-checkpoint that cannot be read or fails that check is skipped for the previous one, and
-:meth:`Checkpointer.restore` moves it aside into ``damaged/`` so that the retrained step can be saved again.
+Orbax (0.12.8) checks the CRC-32C of its OCDBT b-tree nodes, which hold small arrays inline, but not of the data
+files that hold larger arrays: flipped bytes there restore silently. Hence the ``integrity`` item. A checkpoint
+that cannot be read or fails that check is skipped for the previous one, and :meth:`Checkpointer.restore` moves it
+aside into ``damaged/`` so that the retrained step can be saved again.
 """
 
 from __future__ import annotations
@@ -51,7 +49,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
 PyTree = Any
 
 
