@@ -242,8 +242,10 @@ def epoch_sources(data: Any, logits: Any, **epoch_kwargs: Any) -> dict[str, _Epo
   }
 
 
-def pipeline_alone(cached_epochs: _Epochs, plain_epochs: _Epochs, *, title: str, rounds: int, log: bool) -> dict:
+def pipeline_alone(epochs: dict[str, _Epochs], data_name: str, batch_size: int, placement, *, rounds, log) -> dict:
   """Table (a): epochs of batches alone (no step), with and without teacher logits."""
+  cached_epochs, plain_epochs = epochs["cached"], epochs["plain"]
+  title = f"pipeline alone: BatchIterator + DevicePrefetcher, {data_name}, batch {batch_size}, {placement!r}"
   examples_per_epoch = cached_epochs.steps_per_epoch * cached_epochs.kwargs["batch_size"]
 
   def pipeline_variant(name: str, epochs: _Epochs) -> common.Variant:
@@ -292,6 +294,14 @@ def time_students(
     )
     out.append((hidden, timings))
   return out
+
+
+def epochs_title(data_name: str, batch_size: int, placement: Any, teacher_description: str) -> str:
+  return (
+    f"epochs on {data_name}, batch {batch_size}, {placement!r}, scan of {STEPS_PER_CALL} steps (target "
+    f"cached_epoch_over_step <= 1.10, fm_over_online <= 1.10; teacher {teacher_description}; _cpu: by process CPU "
+    "time)"
+  )
 
 
 def student_row(hidden: Sequence[int], timings: common.Timings, steps_per_epoch: int) -> dict[str, Any]:
@@ -366,23 +376,12 @@ def run(
   epochs = epoch_sources(data, logits, batch_size=batch_size, placement=placement, mean=mean, std=std)
   steps_per_epoch = epochs["cached"].steps_per_epoch
   # (a) The pipeline alone.
-  alone = pipeline_alone(
-    epochs["cached"],
-    epochs["plain"],
-    title=f"pipeline alone: BatchIterator + DevicePrefetcher, {data.name}, batch {batch_size}, {placement!r}",
-    rounds=rounds,
-    log=log,
-  )
+  alone = pipeline_alone(epochs, data.name, batch_size, placement, rounds=rounds, log=log)
 
   # (b), (c) and online vs cached, per student.
-  title = (
-    f"epochs on {data.name}, batch {batch_size}, {placement!r}, scan of {STEPS_PER_CALL} steps (target "
-    f"cached_epoch_over_step <= 1.10, fm_over_online <= 1.10; teacher {teacher_description}; _cpu: by process CPU "
-    "time)"
-  )
   timed = time_students(students, teacher, teacher_variables, epochs, placement, compute_dtype, rounds, block_s, log)
   rows = [student_row(hidden, timings, steps_per_epoch) for hidden, timings in timed]
-  table = common.print_table(title, rows, EPOCH_COLUMNS)
+  table = common.print_table(epochs_title(data.name, batch_size, placement, teacher_description), rows, EPOCH_COLUMNS)
   results = {
     "benchmark": "pipeline",
     "dataset": data.name,
