@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import math
 import os
 import pathlib
@@ -25,18 +24,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxkd import artifacts
+
 __all__ = [
   "Timings",
   "Variant",
   "cpu_cores",
   "environment",
-  "forward_flops",
+  "layer_matmul_flops",
   "host_variables",
   "import_torch",
   "interleave",
   "matmul_variant",
   "median_ratio",
   "print_table",
+  "to_jsonable",
   "write_results",
 ]
 
@@ -139,8 +141,12 @@ def matmul_variant(size: int, dtype: Any = jnp.float32) -> tuple[Variant, float]
   return Variant(f"matmul_{size}", run, warmup=1), 2.0 * size**3
 
 
-def forward_flops(model: nn.Module, variables: Any, example_input: Any) -> int:
-  """Multiply-add FLOPs of one inference forward pass, counted from the layer shapes.
+def layer_matmul_flops(model: nn.Module, variables: Any, example_input: Any) -> int:
+  """The multiply-add FLOPs of the Dense and Conv layers of one inference forward pass, counted from their shapes.
+
+  The count a training step's throughput is quoted against (``2 * params``-style arithmetic, the same for every
+  framework), unlike :func:`experiments.common.xla_forward_flops` and :func:`benchmarks.lm_step.xla_cost`, which
+  read XLA's cost analysis of a compiled computation (every operation it kept, as fused).
 
   For every ``nn.Dense`` and ``nn.Conv`` call: ``2 * output_elements * kernel_fan_in``, where the fan-in is
   the product of the kernel shape without its last (output) axis (``in`` for Dense, ``kh * kw * c_in`` for
@@ -239,11 +245,12 @@ def print_table(title: str, rows: Sequence[Mapping[str, Any]], columns: Sequence
   return text
 
 
-def _jsonable(value: Any) -> Any:
+def to_jsonable(value: Any) -> Any:
+  """``value`` with string keys, NumPy values as lists and numbers, and non-finite floats as None (JSON's null)."""
   if isinstance(value, Mapping):
-    return {str(k): _jsonable(v) for k, v in value.items()}
+    return {str(k): to_jsonable(v) for k, v in value.items()}
   if isinstance(value, list | tuple):
-    return [_jsonable(v) for v in value]
+    return [to_jsonable(v) for v in value]
   if isinstance(value, np.generic | np.ndarray):
     return value.tolist()
   if isinstance(value, float) and not math.isfinite(value):
@@ -254,8 +261,7 @@ def _jsonable(value: Any) -> Any:
 def write_results(out_dir: str | os.PathLike | None, name: str, results: Mapping[str, Any]) -> pathlib.Path:
   """Writes ``results`` to ``out_dir/name.json`` (``benchmarks/results`` by default) and returns the path."""
   path = pathlib.Path(out_dir or DEFAULT_OUT) / f"{name}.json"
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(_jsonable(results), indent=2) + "\n")
+  artifacts.write_json(path, to_jsonable(results), indent=2, sort_keys=False)
   print(f"wrote {path}", flush=True)
   return path
 

@@ -192,6 +192,143 @@ def _time_student(
   return common.interleave(variants, rounds=rounds, block_s=block_s, log=log)
 
 
+EPOCH_COLUMNS = [
+  *("student", "step_rate_steps_s", "step_only_epoch_s", "epoch_cached_s", "cached_epoch_over_step"),
+  *("epoch_scan_s", "scan_epoch_over_step"),
+  *("cached_epoch_over_step_cpu", "epoch_online_s", "online_over_cached", "online_over_cached_cpu"),
+  *("epoch_fm_s", "fm_over_online"),
+]
+
+
+def _teacher_logits(teacher: Any, data: Any, *, mean: Any, std: Any) -> tuple[Any, Any, float]:
+  """Host-made teacher variables, the teacher's logits of every example through the logit cache (in a temporary
+  directory), and the seconds the cache took to build."""
+  teacher_variables = common.host_variables(teacher, np.zeros((1, *data.images.shape[1:]), np.float32), seed=1)
+  with tempfile.TemporaryDirectory() as cache_dir:
+    start = time.perf_counter()
+    logits = cached_teacher_logits(
+      functools.partial(teacher.apply, train=False), teacher_variables, data, cache_dir=cache_dir, mean=mean, std=std
+    )
+    return teacher_variables, logits, time.perf_counter() - start
+
+
+def _load_data(setting: str, dataset: str, config: dict) -> tuple[Any, Any, Any]:
+  """``(data, mean, std)``: synthetic images for the smoke test, else the dataset's training split."""
+  if setting == "quick" or dataset == "synthetic":
+    mean, std = NORMALIZATION["fashion_mnist"]
+    return _synthetic(config.get("num_examples", 60_000)), mean, std
+  start = time.perf_counter()
+  data = load(dataset, "train")
+  print(f"loaded {data!r} in {time.perf_counter() - start:.1f} s", flush=True)
+  mean, std = NORMALIZATION[dataset]
+  return data, mean, std
+
+
+def _make_teacher(teacher: str, config: dict, compute_dtype: Any) -> tuple[Any, str]:
+  """The online teacher module and its description: the setting's MLP or the main job's CNN."""
+  if teacher == "cnn":
+    module = CNN(features=(32, 64), dense_size=256, num_classes=10, dropout_rate=0.3, dtype=compute_dtype)
+    return module, "CNN conv32-conv64-dense256"
+  return MLP(config["teacher"], dtype=compute_dtype), _describe(config["teacher"])
+
+
+def epoch_sources(data: Any, logits: Any, **epoch_kwargs: Any) -> dict[str, _Epochs]:
+  """The epochs timed: with cached logits, images only, and groups of STEPS_PER_CALL for the scanned step."""
+  return {
+    "cached": _Epochs(data, teacher_logits=logits, **epoch_kwargs),
+    "plain": _Epochs(data, **epoch_kwargs),
+    # NumPy groups straight to the scanned step: the prefetcher's thread costs more than it hides on CPU.
+    "scan": _Epochs(data, teacher_logits=logits, steps=STEPS_PER_CALL, prefetch=False, **epoch_kwargs),
+  }
+
+
+def pipeline_alone(epochs: dict[str, _Epochs], data_name: str, batch_size: int, placement, *, rounds, log) -> dict:
+  """Table (a): epochs of batches alone (no step), with and without teacher logits."""
+  cached_epochs, plain_epochs = epochs["cached"], epochs["plain"]
+  title = f"pipeline alone: BatchIterator + DevicePrefetcher, {data_name}, batch {batch_size}, {placement!r}"
+  examples_per_epoch = cached_epochs.steps_per_epoch * cached_epochs.kwargs["batch_size"]
+
+  def pipeline_variant(name: str, epochs: _Epochs) -> common.Variant:
+    def run_epochs(n: int) -> None:
+      for _ in range(n):
+        with epochs() as batches:
+          for batch in batches:
+            jax.block_until_ready(batch)
+
+    return common.Variant(name, run_epochs, warmup=0, units_per_block=1)
+
+  timings = common.interleave(
+    [pipeline_variant("pipeline_cached", cached_epochs), pipeline_variant("pipeline_plain", plain_epochs)],
+    rounds=rounds,
+    log=log,
+  )
+  rows = [
+    {
+      "batches": {"pipeline_cached": "with teacher_logits", "pipeline_plain": "images only"}[name],
+      "examples_s": examples_per_epoch / statistics.median(timings.wall[name]),
+      "epoch_s": statistics.median(timings.wall[name]),
+      "epoch_cpu_s": statistics.median(timings.cpu[name]),
+    }
+    for name in timings.wall
+  ]
+  table = common.print_table(title, rows, ["batches", "examples_s", "epoch_s", "epoch_cpu_s"])
+  return {"rows": rows, "table": table}
+
+
+def time_students(
+  students, teacher, teacher_variables, epochs: dict, placement, compute_dtype, rounds, block_s, log
+) -> list[tuple[Sequence[int], common.Timings]]:
+  """Each student's timings of a held-batch step and of the cached, online, function-matching and scanned epochs."""
+  online_step = make_train_step(
+    teacher_apply_fn=teacher.apply, temperature=TEMPERATURE, alpha=ALPHA, placement=placement
+  )
+  online = (online_step, placement.put(teacher_variables))
+  fm_step = make_train_step(
+    teacher_apply_fn=teacher.apply, temperature=1.0, alpha=1.0, placement=placement, augment=mixup(alpha=1.0)
+  )
+  out = []
+  for hidden in students:
+    student = MLP(hidden, dtype=compute_dtype)
+    timings = _time_student(
+      student, placement, epochs["cached"], epochs["scan"], epochs["plain"], online, fm_step, rounds, block_s, log
+    )
+    out.append((hidden, timings))
+  return out
+
+
+def epochs_title(data_name: str, batch_size: int, placement: Any, teacher_description: str) -> str:
+  return (
+    f"epochs on {data_name}, batch {batch_size}, {placement!r}, scan of {STEPS_PER_CALL} steps (target "
+    f"cached_epoch_over_step <= 1.10, fm_over_online <= 1.10; teacher {teacher_description}; _cpu: by process CPU "
+    "time)"
+  )
+
+
+def student_row(hidden: Sequence[int], timings: common.Timings, steps_per_epoch: int) -> dict[str, Any]:
+  """Table (b)/(c)'s row of one student: epochs against steps, online against cached, fm against online."""
+  # The scanned epoch covers whole groups of STEPS_PER_CALL steps only.
+  scan_steps = steps_per_epoch // STEPS_PER_CALL * STEPS_PER_CALL
+  step_epoch = [s * steps_per_epoch for s in timings.wall["step"]]
+  wall, cpu = timings.wall, timings.cpu
+  return {
+    "student": _describe(hidden),
+    "steps_per_epoch": steps_per_epoch,
+    "step_rate_steps_s": 1.0 / statistics.median(wall["step"]),
+    "step_only_epoch_s": statistics.median(step_epoch),
+    "epoch_cached_s": statistics.median(wall["epoch_cached"]),
+    "epoch_online_s": statistics.median(wall["epoch_online"]),
+    "cached_epoch_over_step": common.median_ratio(wall["epoch_cached"], step_epoch),
+    "epoch_scan_s": statistics.median(wall["epoch_scan"]),
+    "scan_epoch_over_step": common.median_ratio(wall["epoch_scan"], [s * scan_steps for s in wall["step"]]),
+    "online_over_cached": common.median_ratio(wall["epoch_online"], wall["epoch_cached"]),
+    "epoch_fm_s": statistics.median(wall["epoch_fm"]),
+    "fm_over_online": common.median_ratio(wall["epoch_fm"], wall["epoch_online"]),
+    "cached_epoch_over_step_cpu": common.median_ratio(cpu["epoch_cached"], [s * steps_per_epoch for s in cpu["step"]]),
+    "online_over_cached_cpu": common.median_ratio(cpu["epoch_online"], cpu["epoch_cached"]),
+    "seconds_rounds": {"wall": wall, "cpu": cpu},
+  }
+
+
 def run(
   *,
   setting: str = "cpu",
@@ -226,125 +363,25 @@ def run(
   rounds = rounds or config["rounds"]
   compute_dtype = common.dtype_of(dtype)
   placement_name, placement = placement, as_placement(placement)
-  if setting == "quick" or dataset == "synthetic":
-    data = _synthetic(config.get("num_examples", 60_000))
-    mean, std = NORMALIZATION["fashion_mnist"]
-  else:
-    start = time.perf_counter()
-    data = load(dataset, "train")
-    print(f"loaded {data!r} in {time.perf_counter() - start:.1f} s", flush=True)
-    mean, std = NORMALIZATION[dataset]
-
+  data, mean, std = _load_data(setting, dataset, config)
   teacher_name = teacher
-  if teacher == "cnn":
-    teacher_description = "CNN conv32-conv64-dense256"
-    teacher = CNN(features=(32, 64), dense_size=256, num_classes=10, dropout_rate=0.3, dtype=compute_dtype)
-  else:
-    teacher_description = _describe(config["teacher"])
-    teacher = MLP(config["teacher"], dtype=compute_dtype)
-  teacher_variables = common.host_variables(teacher, np.zeros((1, *data.images.shape[1:]), np.float32), seed=1)
-  with tempfile.TemporaryDirectory() as cache_dir:
-    start = time.perf_counter()
-    logits = cached_teacher_logits(
-      functools.partial(teacher.apply, train=False), teacher_variables, data, cache_dir=cache_dir, mean=mean, std=std
-    )
-    cache_build_s = time.perf_counter() - start
+  teacher, teacher_description = _make_teacher(teacher, config, compute_dtype)
+  teacher_variables, logits, cache_build_s = _teacher_logits(teacher, data, mean=mean, std=std)
   print(
     f"pipeline: {data.name} ({len(data)} examples), batch {batch_size}, placement={placement!r}, teacher "
     f"{teacher_description}, {dtype}, {jax.local_device_count()} local device(s), {common.cpu_cores()} "
     f"cores, {rounds} rounds; logit cache built in {cache_build_s:.1f} s",
     flush=True,
   )
-
-  epoch_kwargs = dict(batch_size=batch_size, placement=placement, mean=mean, std=std)
-  cached_epochs = _Epochs(data, teacher_logits=logits, **epoch_kwargs)
-  plain_epochs = _Epochs(data, **epoch_kwargs)
-  # NumPy groups straight to the scanned step: the prefetcher's thread costs more than it hides on CPU.
-  scan_epochs = _Epochs(data, teacher_logits=logits, steps=STEPS_PER_CALL, prefetch=False, **epoch_kwargs)
-  steps_per_epoch = cached_epochs.steps_per_epoch
-  examples_per_epoch = steps_per_epoch * batch_size
-
+  epochs = epoch_sources(data, logits, batch_size=batch_size, placement=placement, mean=mean, std=std)
+  steps_per_epoch = epochs["cached"].steps_per_epoch
   # (a) The pipeline alone.
-  def pipeline_variant(name: str, epochs: _Epochs) -> common.Variant:
-    def run_epochs(n: int) -> None:
-      for _ in range(n):
-        with epochs() as batches:
-          for batch in batches:
-            jax.block_until_ready(batch)
-
-    return common.Variant(name, run_epochs, warmup=0, units_per_block=1)
-
-  timings = common.interleave(
-    [pipeline_variant("pipeline_cached", cached_epochs), pipeline_variant("pipeline_plain", plain_epochs)],
-    rounds=rounds,
-    log=log,
-  )
-  pipeline_rows = [
-    {
-      "batches": {"pipeline_cached": "with teacher_logits", "pipeline_plain": "images only"}[name],
-      "examples_s": examples_per_epoch / statistics.median(timings.wall[name]),
-      "epoch_s": statistics.median(timings.wall[name]),
-      "epoch_cpu_s": statistics.median(timings.cpu[name]),
-    }
-    for name in timings.wall
-  ]
-  pipeline_table = common.print_table(
-    f"pipeline alone: BatchIterator + DevicePrefetcher, {data.name}, batch {batch_size}, {placement!r}",
-    pipeline_rows,
-    ["batches", "examples_s", "epoch_s", "epoch_cpu_s"],
-  )
+  alone = pipeline_alone(epochs, data.name, batch_size, placement, rounds=rounds, log=log)
 
   # (b), (c) and online vs cached, per student.
-  online_step = make_train_step(
-    teacher_apply_fn=teacher.apply, temperature=TEMPERATURE, alpha=ALPHA, placement=placement
-  )
-  online = (online_step, placement.put(teacher_variables))
-  fm_step = make_train_step(
-    teacher_apply_fn=teacher.apply, temperature=1.0, alpha=1.0, placement=placement, augment=mixup(alpha=1.0)
-  )
-  rows = []
-  for hidden in students:
-    student = MLP(hidden, dtype=compute_dtype)
-    timings = _time_student(
-      student, placement, cached_epochs, scan_epochs, plain_epochs, online, fm_step, rounds, block_s, log
-    )
-    # The scanned epoch covers whole groups of STEPS_PER_CALL steps only.
-    scan_steps = steps_per_epoch // STEPS_PER_CALL * STEPS_PER_CALL
-    step_epoch = [s * steps_per_epoch for s in timings.wall["step"]]
-    rows.append(
-      {
-        "student": _describe(hidden),
-        "steps_per_epoch": steps_per_epoch,
-        "step_rate_steps_s": 1.0 / statistics.median(timings.wall["step"]),
-        "step_only_epoch_s": statistics.median(step_epoch),
-        "epoch_cached_s": statistics.median(timings.wall["epoch_cached"]),
-        "epoch_online_s": statistics.median(timings.wall["epoch_online"]),
-        "cached_epoch_over_step": common.median_ratio(timings.wall["epoch_cached"], step_epoch),
-        "epoch_scan_s": statistics.median(timings.wall["epoch_scan"]),
-        "scan_epoch_over_step": common.median_ratio(
-          timings.wall["epoch_scan"], [s * scan_steps for s in timings.wall["step"]]
-        ),
-        "online_over_cached": common.median_ratio(timings.wall["epoch_online"], timings.wall["epoch_cached"]),
-        "epoch_fm_s": statistics.median(timings.wall["epoch_fm"]),
-        "fm_over_online": common.median_ratio(timings.wall["epoch_fm"], timings.wall["epoch_online"]),
-        "cached_epoch_over_step_cpu": common.median_ratio(
-          timings.cpu["epoch_cached"], [s * steps_per_epoch for s in timings.cpu["step"]]
-        ),
-        "online_over_cached_cpu": common.median_ratio(timings.cpu["epoch_online"], timings.cpu["epoch_cached"]),
-        "seconds_rounds": {"wall": timings.wall, "cpu": timings.cpu},
-      }
-    )
-  columns = ["student", "step_rate_steps_s", "step_only_epoch_s", "epoch_cached_s", "cached_epoch_over_step"]
-  columns += ["epoch_scan_s", "scan_epoch_over_step"]
-  columns += ["cached_epoch_over_step_cpu", "epoch_online_s", "online_over_cached", "online_over_cached_cpu"]
-  columns += ["epoch_fm_s", "fm_over_online"]
-  table = common.print_table(
-    f"epochs on {data.name}, batch {batch_size}, {placement!r}, scan of {STEPS_PER_CALL} steps (target "
-    f"cached_epoch_over_step <= 1.10, fm_over_online <= 1.10; teacher {teacher_description}; "
-    f"_cpu: by process CPU time)",
-    rows,
-    columns,
-  )
+  timed = time_students(students, teacher, teacher_variables, epochs, placement, compute_dtype, rounds, block_s, log)
+  rows = [student_row(hidden, timings, steps_per_epoch) for hidden, timings in timed]
+  table = common.print_table(epochs_title(data.name, batch_size, placement, teacher_description), rows, EPOCH_COLUMNS)
   results = {
     "benchmark": "pipeline",
     "dataset": data.name,
@@ -359,8 +396,8 @@ def run(
     "alpha": ALPHA,
     "rounds": rounds,
     "logit_cache_build_s": cache_build_s,
-    "pipeline_rows": pipeline_rows,
-    "pipeline_table": pipeline_table,
+    "pipeline_rows": alone["rows"],
+    "pipeline_table": alone["table"],
     "rows": rows,
     "table": table,
     "environment": common.environment(),

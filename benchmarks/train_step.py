@@ -16,7 +16,7 @@ For each batch size, in alternation (see :mod:`benchmarks.common`):
 * ``matmul``: a large square ``jnp.dot`` in the same dtype, the reference rate for the fraction of peak.
 
 Model FLOPs per step: ``F(teacher) + 3 F(student)``, where ``F`` is one inference forward pass counted from the
-layer shapes (:func:`benchmarks.common.forward_flops`: ``2 * output_elements * kernel_fan_in`` summed over
+layer shapes (:func:`benchmarks.common.layer_matmul_flops`: ``2 * output_elements * kernel_fan_in`` summed over
 Dense and Conv layers) and the student's backward pass counts as two forward passes (input and weight
 gradients). ``fraction_of_matmul = flops_per_step * steps_per_s / matmul_flops_per_s``.
 
@@ -263,6 +263,66 @@ def build_variants(
   return variants, first_loss, host_us
 
 
+def layer_flops_per_example(model: Any, image_shape: Sequence[int]) -> int:
+  """:func:`benchmarks.common.layer_matmul_flops` of one example's inference forward pass, from shapes alone."""
+  example = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), example)
+  return common.layer_matmul_flops(model, variables, example)
+
+
+def size_row(
+  batch_size: int,
+  variants: Sequence[common.Variant],
+  timings: common.Timings,
+  matmul_name: str,
+  matmul_flops: float,
+  flops_per_example: float,
+  first_loss: dict[str, float],
+  host_us: dict[str, list[float]],
+) -> dict[str, Any]:
+  """One batch size's row: steps/s, the fraction of the matmul rate, and the ratios to the hand-written step."""
+  times, matmul_times, cpu_mm = timings.wall, timings.wall[matmul_name], timings.cpu[matmul_name]
+  flops_per_step = flops_per_example * batch_size
+  row: dict[str, Any] = {
+    "batch": batch_size,
+    "flops_per_step": flops_per_step,
+    "matmul_gflops": matmul_flops / statistics.median(matmul_times) / 1e9,
+  }
+  for variant in variants:
+    seconds = times[variant.name]
+    row[f"{variant.name}_steps_s"] = 1.0 / statistics.median(seconds)
+    # Per round against the matmul of the same round: the load of that moment cancels. The CPU-time version
+    # compares core-seconds with core-seconds.
+    for kind, per_step, per_matmul in (("", seconds, matmul_times), ("_cpu", timings.cpu[variant.name], cpu_mm)):
+      row[f"{variant.name}_fraction_of_matmul{kind}"] = statistics.median(
+        flops_per_step / s / (matmul_flops / m) for s, m in zip(per_step, per_matmul, strict=True)
+      )
+    if variant.name in host_us:
+      row[f"{variant.name}_host_us"] = statistics.median(host_us[variant.name])
+  for name, _, _ in JAXKD_VARIANTS:
+    row[f"{name}_vs_hand"] = common.median_ratio(times["hand"], times[name])
+    row[f"{name}_vs_hand_cpu"] = common.median_ratio(timings.cpu["hand"], timings.cpu[name])
+    if "torch" in times:
+      row[f"{name}_vs_torch"] = common.median_ratio(times["torch"], times[name])
+      row[f"{name}_vs_torch_cpu"] = common.median_ratio(timings.cpu["torch"], timings.cpu[name])
+  row["first_loss"] = first_loss
+  row["first_loss_max_diff"] = max(abs(v - first_loss["hand"]) for v in first_loss.values())
+  row["seconds_per_step_rounds"] = {"wall": timings.wall, "cpu": timings.cpu}
+  return row
+
+
+def table_columns(*, with_torch: bool) -> list[str]:
+  """The printed table's columns (the JSON rows hold every field)."""
+  columns = ["batch", "jaxkd_pmap_steps_s", "jaxkd_single_steps_s", "jaxkd_noskip_steps_s", "hand_steps_s"]
+  columns += ["jaxkd_pmap_vs_hand", "jaxkd_single_vs_hand", "jaxkd_noskip_vs_hand"]
+  columns += ["jaxkd_pmap_vs_hand_cpu", "jaxkd_single_vs_hand_cpu", "jaxkd_noskip_vs_hand_cpu"]
+  if with_torch:
+    columns += ["torch_steps_s", "jaxkd_pmap_vs_torch", "jaxkd_single_vs_torch", "jaxkd_pmap_vs_torch_cpu"]
+  columns += ["matmul_gflops", "jaxkd_pmap_fraction_of_matmul", "hand_fraction_of_matmul"]
+  columns += ["jaxkd_pmap_fraction_of_matmul_cpu", "jaxkd_pmap_host_us", "jaxkd_single_host_us", "hand_host_us"]
+  return columns
+
+
 def run(
   pair: str = "mlp",
   *,
@@ -301,11 +361,7 @@ def run(
   elif with_torch:
     print(f"note: the PyTorch peer covers the MLP pair only; none for {pair!r}.")
 
-  example = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
-  teacher_flops, student_flops = (
-    common.forward_flops(m, jax.eval_shape(functools.partial(m.init, train=False), jax.random.key(0), example), example)
-    for m in (teacher, student)
-  )
+  teacher_flops, student_flops = (layer_flops_per_example(m, image_shape) for m in (teacher, student))
   flops_per_example = teacher_flops + 3 * student_flops
   matmul, matmul_flops = common.matmul_variant(matmul_size, compute_dtype)
   print(
@@ -320,42 +376,11 @@ def run(
       teacher, student, image_shape, batch_size, torch=torch, dtype=compute_dtype, use_gpu=setting == "gpu"
     )
     timings = common.interleave([*variants, matmul], rounds=rounds, block_s=block_s, log=log)
-    times, matmul_times, cpu_mm = timings.wall, timings.wall[matmul.name], timings.cpu[matmul.name]
-    flops_per_step = flops_per_example * batch_size
-    row: dict[str, Any] = {
-      "batch": batch_size,
-      "flops_per_step": flops_per_step,
-      "matmul_gflops": matmul_flops / statistics.median(matmul_times) / 1e9,
-    }
-    for variant in variants:
-      seconds = times[variant.name]
-      row[f"{variant.name}_steps_s"] = 1.0 / statistics.median(seconds)
-      # Per round against the matmul of the same round: the load of that moment cancels. The CPU-time version
-      # compares core-seconds with core-seconds.
-      for kind, per_step, per_matmul in (("", seconds, matmul_times), ("_cpu", timings.cpu[variant.name], cpu_mm)):
-        row[f"{variant.name}_fraction_of_matmul{kind}"] = statistics.median(
-          flops_per_step / s / (matmul_flops / m) for s, m in zip(per_step, per_matmul, strict=True)
-        )
-      if variant.name in host_us:
-        row[f"{variant.name}_host_us"] = statistics.median(host_us[variant.name])
-    for name, _, _ in JAXKD_VARIANTS:
-      row[f"{name}_vs_hand"] = common.median_ratio(times["hand"], times[name])
-      row[f"{name}_vs_hand_cpu"] = common.median_ratio(timings.cpu["hand"], timings.cpu[name])
-      if "torch" in times:
-        row[f"{name}_vs_torch"] = common.median_ratio(times["torch"], times[name])
-        row[f"{name}_vs_torch_cpu"] = common.median_ratio(timings.cpu["torch"], timings.cpu[name])
-    row["first_loss"] = first_loss
-    row["first_loss_max_diff"] = max(abs(v - first_loss["hand"]) for v in first_loss.values())
-    row["seconds_per_step_rounds"] = {"wall": timings.wall, "cpu": timings.cpu}
-    rows.append(row)
+    rows.append(
+      size_row(batch_size, variants, timings, matmul.name, matmul_flops, flops_per_example, first_loss, host_us)
+    )
 
-  columns = ["batch", "jaxkd_pmap_steps_s", "jaxkd_single_steps_s", "jaxkd_noskip_steps_s", "hand_steps_s"]
-  columns += ["jaxkd_pmap_vs_hand", "jaxkd_single_vs_hand", "jaxkd_noskip_vs_hand"]
-  columns += ["jaxkd_pmap_vs_hand_cpu", "jaxkd_single_vs_hand_cpu", "jaxkd_noskip_vs_hand_cpu"]
-  if torch is not None:
-    columns += ["torch_steps_s", "jaxkd_pmap_vs_torch", "jaxkd_single_vs_torch", "jaxkd_pmap_vs_torch_cpu"]
-  columns += ["matmul_gflops", "jaxkd_pmap_fraction_of_matmul", "hand_fraction_of_matmul"]
-  columns += ["jaxkd_pmap_fraction_of_matmul_cpu", "jaxkd_pmap_host_us", "jaxkd_single_host_us", "hand_host_us"]
+  columns = table_columns(with_torch=torch is not None)
   title = f"train_step[{pair}] ({description}, {dtype}; target jaxkd/hand >= 0.97; _cpu: by process CPU time)"
   table = common.print_table(title, rows, columns)
   results = {

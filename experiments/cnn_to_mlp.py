@@ -34,8 +34,10 @@ Outputs in the workdir: ``results.json``, ``results.md``, ``sweep.png``,
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import pathlib
+from collections.abc import Mapping
 
 import ml_collections
 import numpy as np
@@ -138,22 +140,36 @@ def get_config() -> ml_collections.ConfigDict:
   return config
 
 
+@dataclasses.dataclass
+class Runs:
+  """Every sub-run's result of one cnn_to_mlp run: what the report is written from."""
+
+  sizes: dict[str, int]  # examples in the fit, validation and test splits
+  teacher: dict
+  teacher_info: dict
+  sweep: list[dict]
+  best: dict
+  scratch: list[dict]
+  distilled: list[dict]
+  fm: dict | None
+  costs: dict[str, dict[str, float]]
+
+
 def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
+  common.check_config(config, RULES)
+  return write_report(config, workdir, train_runs(config, workdir))
+
+
+def train_runs(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Runs:
+  """The teacher, the (T, alpha) sweep, every seed's scratch and distilled students, and function matching."""
   from jaxkd.data import logit_cache
   from jaxkd.models import CNN, MLP
 
-  common.check_config(config, RULES)
   mean, std = common.pixel_stats(config.dataset)
   fit_set, val_set, test_set = common.load_splits(config)
   num_classes = fit_set.num_classes
-  eval_sets = {"val": val_set, "test": test_set}
-  common_args = dict(
-    train_set=fit_set,
-    eval_sets=eval_sets,
-    batch_size=config.batch_size,
-    mean=mean,
-    std=std,
-    placement=config.placement,
+  data = dict(
+    train_set=fit_set, eval_sets={"val": val_set, "test": test_set}, batch_size=config.batch_size, mean=mean, std=std
   )
   print(f"transfer set: {len(fit_set)} examples; validation {len(val_set)}; test {len(test_set)}", flush=True)
 
@@ -164,17 +180,15 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     dropout_rate=config.teacher_dropout,
   )
   student = MLP(hidden_sizes=tuple(config.student_hidden), num_classes=num_classes)
-
-  teacher_result = common.train_subrun(
-    workdir,
-    "teacher",
+  teacher_run = common.SubRun(
     model=teacher,
     num_epochs=config.teacher_epochs,
     learning_rate=config.teacher_lr,
     seed=0,
     config=common.subconfig(config, TEACHER_KEYS),
-    **common_args,
+    **data,
   )
+  teacher_result = common.train_subrun(workdir, "teacher", teacher_run, placement=config.placement)
   teacher_variables, teacher_info = common.load_subrun_variables(workdir, "teacher")
   # The transfer set is not augmented, so the teacher's logits are computed once and reused by every student.
   teacher_logits = logit_cache.cached_teacher_logits(
@@ -183,9 +197,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
 
   def student_run(name, seed, temperature=None, alpha=None):
     distil = temperature is not None
-    return common.train_subrun(
-      workdir,
-      name,
+    student_subrun = common.SubRun(
       model=student,
       num_epochs=config.student_epochs,
       learning_rate=config.student_lr,
@@ -195,8 +207,9 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
       alpha=alpha if distil else 0.5,
       meta={"teacher": teacher_info} if distil else None,
       config=common.subconfig(config, STUDENT_KEYS),
-      **common_args,
+      **data,
     )
+    return common.train_subrun(workdir, name, student_subrun, placement=config.placement)
 
   sweep = []
   for temperature, alpha in itertools.product(config.temperatures, config.alphas):
@@ -207,94 +220,107 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
   scratch = [student_run(f"scratch/seed{seed}", seed) for seed in config.seeds]
   distilled = []
   for seed in config.seeds:
-    if seed == config.seeds[0]:
-      # The sweep's run with the chosen (T, alpha) is this seed's distilled student: the same inputs, so reused.
-      name = f"sweep/T{best['temperature']:g}_alpha{best['alpha']:g}"
-      distilled.append(student_run(name, seed, best["temperature"], best["alpha"]))
-    else:
-      name = f"distilled/T{best['temperature']:g}_alpha{best['alpha']:g}_seed{seed}"
-      distilled.append(student_run(name, seed, best["temperature"], best["alpha"]))
+    # Seed 0's distilled student is the sweep's run with the chosen (T, alpha): the same inputs, so reused.
+    first = seed == config.seeds[0]
+    chosen = f"T{best['temperature']:g}_alpha{best['alpha']:g}"
+    name = f"sweep/{chosen}" if first else f"distilled/{chosen}_seed{seed}"
+    distilled.append(student_run(name, seed, best["temperature"], best["alpha"]))
 
   fm = None
   if config.function_matching:
-    fm = function_matching(config, workdir, student, teacher, teacher_variables, teacher_info, common_args)
-
+    fm = function_matching(config, workdir, student, teacher, teacher_variables, teacher_info, data)
+  sizes = {"fit": len(fit_set), "val": len(val_set), "test": len(test_set)}
   costs = model_costs(config, teacher, student, fit_set)
-  teacher_acc = teacher_result["test_accuracy"]
-  scratch_acc = common.mean_std(r["test_accuracy"] for r in scratch)
-  distilled_acc = common.mean_std(r["test_accuracy"] for r in distilled)
-  gap = teacher_acc - scratch_acc["mean"]
-  gap_closed = (distilled_acc["mean"] - scratch_acc["mean"]) / gap if gap > 0 else float("nan")
+  return Runs(sizes, teacher_result, teacher_info, sweep, best, scratch, distilled, fm, costs)
 
+
+def _row(model: str, runs: list[dict], costs: Mapping[str, float]) -> dict:
+  return {
+    "model": model,
+    "test_accuracy": common.mean_std(r["test_accuracy"] for r in runs),
+    "test_errors": common.mean_std(r["test_errors"] for r in runs),
+    **costs,
+  }
+
+
+def report_rows(config: ml_collections.ConfigDict, runs: Runs) -> list[dict]:
+  """The results table: the teacher, the scratch and distilled students, and the function-matching pair."""
+  best, student_costs = runs.best, runs.costs["student"]
+  teacher = {
+    "model": "teacher (CNN)",
+    "test_accuracy": runs.teacher["test_accuracy"],
+    "test_errors": runs.teacher["test_errors"],
+    **runs.costs["teacher"],
+  }
   rows = [
-    {
-      "model": "teacher (CNN)",
-      "test_accuracy": teacher_acc,
-      "test_errors": teacher_result["test_errors"],
-      **costs["teacher"],
-    },
-    {
-      "model": f"student MLP{list(config.student_hidden)} from scratch",
-      "test_accuracy": scratch_acc,
-      "test_errors": common.mean_std(r["test_errors"] for r in scratch),
-      **costs["student"],
-    },
-    {
-      "model": f"student distilled (T={best['temperature']:g}, alpha={best['alpha']:g})",
-      "test_accuracy": distilled_acc,
-      "test_errors": common.mean_std(r["test_errors"] for r in distilled),
-      **costs["student"],
-    },
+    teacher,
+    _row(f"student MLP{list(config.student_hidden)} from scratch", runs.scratch, student_costs),
+    _row(f"student distilled (T={best['temperature']:g}, alpha={best['alpha']:g})", runs.distilled, student_costs),
   ]
-  fm_summary = ""
-  if fm is not None:
-    fm_report = function_matching_report(config, fm, teacher_result, scratch, workdir)
+  if runs.fm is not None:
     rows[2:2] = [
-      {
-        "model": f"student, function matching (online teacher, mixup, T={fm['temperature']:g}, "
+      _row(
+        f"student, function matching (online teacher, mixup, T={runs.fm['temperature']:g}, "
         f"{config.fm_epochs:g} epochs)",
-        "test_accuracy": common.mean_std(r["test_accuracy"] for r in fm["distilled"]),
-        "test_errors": common.mean_std(r["test_errors"] for r in fm["distilled"]),
-        **costs["student"],
-      },
-      {
-        "model": f"student from scratch, same mixup and {config.fm_epochs:g} epochs",
-        "test_accuracy": common.mean_std(r["test_accuracy"] for r in fm["scratch"]),
-        "test_errors": common.mean_std(r["test_errors"] for r in fm["scratch"]),
-        **costs["student"],
-      },
+        runs.fm["distilled"],
+        student_costs,
+      ),
+      _row(f"student from scratch, same mixup and {config.fm_epochs:g} epochs", runs.fm["scratch"], student_costs),
     ]
-    fm_summary = fm_report["summary"]
+  return rows
+
+
+def gap_closed(runs: Runs) -> float:
+  """The share of the scratch-to-teacher test-accuracy gap the cached-logit students close (nan without a gap)."""
+  scratch = common.mean_std(r["test_accuracy"] for r in runs.scratch)["mean"]
+  distilled = common.mean_std(r["test_accuracy"] for r in runs.distilled)["mean"]
+  gap = runs.teacher["test_accuracy"] - scratch
+  return (distilled - scratch) / gap if gap > 0 else float("nan")
+
+
+def write_report(config: ml_collections.ConfigDict, workdir: pathlib.Path, runs: Runs) -> dict:
+  """``results.md``, ``results.json``, ``sweep.png`` and ``accuracy.png`` (and ``patience.png``) from the runs."""
+  fm_report = function_matching_report(config, runs.fm, runs.teacher, runs.scratch, workdir) if runs.fm else None
+  rows = report_rows(config, runs)
   columns = ["model", "test_accuracy", "test_errors", "params", "flops_per_example", "latency_b1_ms", "latency_b256_ms"]
   table = common.markdown_table(rows, columns)
+  closed, costs = gap_closed(runs), runs.costs
   summary = (
-    f"Dataset {config.dataset}, transfer set {len(fit_set)} examples, {len(config.seeds)} seed(s). "
-    f"T and alpha chosen on {len(val_set)} validation examples. "
-    f"Cached-logit distillation ({config.student_epochs:g} epochs) closes {gap_closed:.1%} of the "
+    f"Dataset {config.dataset}, transfer set {runs.sizes['fit']} examples, {len(config.seeds)} seed(s). "
+    f"T and alpha chosen on {runs.sizes['val']} validation examples. "
+    f"Cached-logit distillation ({config.student_epochs:g} epochs) closes {closed:.1%} of the "
     "scratch-to-teacher accuracy gap. "
     f"The student has {costs['teacher']['params'] / costs['student']['params']:.1f}x fewer parameters and "
-    f"{costs['teacher']['flops_per_example'] / costs['student']['flops_per_example']:.0f}x fewer FLOPs.\n" + fm_summary
+    f"{costs['teacher']['flops_per_example'] / costs['student']['flops_per_example']:.0f}x fewer FLOPs.\n"
+    + (fm_report["summary"] if fm_report else "")
   )
-  sweep_table = common.markdown_table(sweep, ["temperature", "alpha", "val_accuracy"])
+  sweep_table = common.markdown_table(runs.sweep, ["temperature", "alpha", "val_accuracy"])
   (workdir / "results.md").write_text(
     f"# cnn_to_mlp\n\n{table}\n{summary}\n## Validation sweep (seed {config.seeds[0]})\n\n{sweep_table}"
   )
   results = {
     "config": config.to_dict(),
     "rows": rows,
-    "sweep": sweep,
-    "best": best,
-    "gap_closed": gap_closed,
-    "teacher": teacher_result,
-    "scratch": scratch,
-    "distilled": distilled,
-    "teacher_checkpoint": teacher_info,
-    "function_matching": fm_report["results"] if fm is not None else None,
+    "sweep": runs.sweep,
+    "best": runs.best,
+    "gap_closed": closed,
+    "teacher": runs.teacher,
+    "scratch": runs.scratch,
+    "distilled": runs.distilled,
+    "teacher_checkpoint": runs.teacher_info,
+    "function_matching": fm_report["results"] if fm_report else None,
   }
   common.write_json(workdir / "results.json", results)
+  plot_results(config, workdir, runs)
+  print(table + "\n" + summary, flush=True)
+  return results
+
+
+def plot_results(config: ml_collections.ConfigDict, workdir: pathlib.Path, runs: Runs) -> None:
+  """``sweep.png`` (validation accuracy against T, a line per alpha) and ``accuracy.png`` (test accuracy bars)."""
   series = {}
   for alpha in config.alphas:
-    points = [row for row in sweep if row["alpha"] == alpha]
+    points = [row for row in runs.sweep if row["alpha"] == alpha]
     series[f"alpha={alpha:g}"] = ([p["temperature"] for p in points], [p["val_accuracy"] for p in points])
   common.plot_lines(
     workdir / "sweep.png",
@@ -303,20 +329,20 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     ylabel="validation accuracy",
     title="Distilled MLP student: validation accuracy vs T",
     logx=True,
-    hlines={"teacher": teacher_result["val_accuracy"], "scratch": scratch[0]["val_accuracy"]},
+    hlines={"teacher": runs.teacher["val_accuracy"], "scratch": runs.scratch[0]["val_accuracy"]},
   )
+  scratch_acc = common.mean_std(r["test_accuracy"] for r in runs.scratch)
+  distilled_acc = common.mean_std(r["test_accuracy"] for r in runs.distilled)
   common.plot_bars(
     workdir / "accuracy.png",
-    {"teacher": teacher_acc, "scratch": scratch_acc["mean"], "distilled": distilled_acc["mean"]},
+    {"teacher": runs.teacher["test_accuracy"], "scratch": scratch_acc["mean"], "distilled": distilled_acc["mean"]},
     errors={"scratch": scratch_acc["std"], "distilled": distilled_acc["std"]},
     ylabel="test accuracy",
     title=f"{config.dataset}: CNN teacher -> MLP student",
   )
-  print(table + "\n" + summary, flush=True)
-  return results
 
 
-def function_matching(config, workdir, student, teacher, teacher_variables, teacher_info, common_args) -> dict:
+def function_matching(config, workdir, student, teacher, teacher_variables, teacher_info, data) -> dict:
   """The function-matching students (T chosen on validation, then every seed) and their mixup scratch baseline."""
   from jaxkd.data import augment
 
@@ -324,9 +350,7 @@ def function_matching(config, workdir, student, teacher, teacher_variables, teac
 
   def fm_run(name, seed, num_epochs, temperature=None, curve=True):
     distil = temperature is not None
-    return common.train_subrun(
-      workdir,
-      name,
+    fm_subrun = common.SubRun(
       model=student,
       num_epochs=num_epochs,
       learning_rate=config.student_lr,
@@ -339,8 +363,9 @@ def function_matching(config, workdir, student, teacher, teacher_variables, teac
       meta={"teacher": teacher_info} if distil else None,
       curve_every=config.curve_every if curve else 0.0,
       config=common.subconfig(config, FM_KEYS),
-      **common_args,
+      **data,
     )
+    return common.train_subrun(workdir, name, fm_subrun, placement=config.placement)
 
   sweep = []
   for temperature in config.fm_temperatures:
@@ -432,7 +457,7 @@ def model_costs(config, teacher, student, dataset) -> dict[str, dict[str, float]
     variables = model.init(jax.random.key(0), example)
     out[name] = {
       "params": count_params(variables),
-      "flops_per_example": common.flops_per_example(model.apply, variables, example),
+      "flops_per_example": common.xla_forward_flops(model.apply, variables, example),
       "latency_b1_ms": 1e3
       * common.inference_latency(model.apply, variables, example, batch_size=1, repeats=config.latency_repeats),
       "latency_b256_ms": 1e3

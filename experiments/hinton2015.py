@@ -109,20 +109,24 @@ def get_config() -> ml_collections.ConfigDict:
 
 
 def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
+  common.check_config(config, RULES)
+  return write_report(config, workdir, train_runs(config, workdir))
+
+
+def train_runs(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
+  """The teacher, the scratch and distilled students, and the width-by-temperature sweep: their results."""
   from jaxkd.data import logit_cache
   from jaxkd.models import MLP
 
-  common.check_config(config, RULES)
   mean, std = common.pixel_stats(config.dataset)
   fit_set, val_set, test_set = common.load_splits(config)
   num_classes = fit_set.num_classes
-  common_args = dict(
+  data = dict(
     train_set=fit_set,
     eval_sets={"val": val_set, "test": test_set},
     batch_size=config.batch_size,
     mean=mean,
     std=std,
-    placement=config.placement,
   )
   teacher = MLP(
     hidden_sizes=tuple(config.teacher_hidden),
@@ -130,17 +134,16 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     dropout_rate=config.teacher_dropout,
     input_dropout_rate=config.teacher_input_dropout,
   )
-  teacher_result = common.train_subrun(
-    workdir,
-    "teacher",
+  teacher_run = common.SubRun(
     model=teacher,
     num_epochs=config.teacher_epochs,
     learning_rate=config.teacher_lr,
     seed=config.seed,
     max_translation=config.teacher_jitter,
     config=common.subconfig(config, TEACHER_KEYS),
-    **common_args,
+    **data,
   )
+  teacher_result = common.train_subrun(workdir, "teacher", teacher_run, placement=config.placement)
   teacher_variables, teacher_info = common.load_subrun_variables(workdir, "teacher")
   teacher_logits = logit_cache.cached_teacher_logits(
     teacher.apply, teacher_variables, fit_set, cache_dir=workdir / "cache", mean=mean, std=std
@@ -152,9 +155,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
 
   def student_run(name, hidden, epochs, temperature=None):
     distil = temperature is not None
-    return common.train_subrun(
-      workdir,
-      name,
+    student_subrun = common.SubRun(
       model=student(hidden),
       num_epochs=epochs,
       learning_rate=config.student_lr,
@@ -164,14 +165,14 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
       alpha=config.alpha,
       meta={"teacher": teacher_info} if distil else None,
       config=common.subconfig(config, STUDENT_KEYS),
-      **common_args,
+      **data,
     )
+    return common.train_subrun(workdir, name, student_subrun, placement=config.placement)
 
   scratch = student_run("scratch", config.student_hidden, config.student_epochs)
   distilled = student_run(
     f"distilled_T{config.temperature:g}", config.student_hidden, config.student_epochs, config.temperature
   )
-
   sweep = []
   for width in config.sweep_widths:
     for temperature in config.sweep_temperatures:
@@ -184,31 +185,41 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
           "test_errors": result["test_errors"],
         }
       )
+  return {
+    "test_size": len(test_set),
+    "teacher": teacher_result,
+    "teacher_checkpoint": teacher_info,
+    "scratch": scratch,
+    "distilled": distilled,
+    "sweep": sweep,
+  }
 
-  rows = [
+
+def report_rows(config: ml_collections.ConfigDict, runs: dict) -> list[dict]:
+  """The teacher and the two students beside the paper's MNIST errors."""
+  models = {
+    "teacher": "teacher MLP 1200-1200 (dropout, jitter)",
+    "scratch": "student MLP 800-800 from scratch",
+    "distilled": f"student distilled, T={config.temperature:g}, alpha={config.alpha:g}",
+  }
+  return [
     {
-      "model": "teacher MLP 1200-1200 (dropout, jitter)",
-      "test_errors": teacher_result["test_errors"],
-      "test_accuracy": teacher_result["test_accuracy"],
-      "paper_mnist_errors": PAPER["teacher_errors"],
-    },
-    {
-      "model": "student MLP 800-800 from scratch",
-      "test_errors": scratch["test_errors"],
-      "test_accuracy": scratch["test_accuracy"],
-      "paper_mnist_errors": PAPER["scratch_errors"],
-    },
-    {
-      "model": f"student distilled, T={config.temperature:g}, alpha={config.alpha:g}",
-      "test_errors": distilled["test_errors"],
-      "test_accuracy": distilled["test_accuracy"],
-      "paper_mnist_errors": PAPER["distilled_errors"],
-    },
+      "model": model,
+      "test_errors": runs[key]["test_errors"],
+      "test_accuracy": runs[key]["test_accuracy"],
+      "paper_mnist_errors": PAPER[f"{key}_errors"],
+    }
+    for key, model in models.items()
   ]
+
+
+def write_report(config: ml_collections.ConfigDict, workdir: pathlib.Path, runs: dict) -> dict:
+  """``results.md``, ``results.json`` and ``temperature_sweep.png`` from :func:`train_runs`' results."""
+  rows, sweep = report_rows(config, runs), runs["sweep"]
   table = common.markdown_table(rows)
   sweep_table = common.markdown_table(sweep)
   (workdir / "results.md").write_text(
-    f"# hinton2015 on {config.dataset} ({len(test_set)} test examples)\n\n{table}\n"
+    f"# hinton2015 on {config.dataset} ({runs['test_size']} test examples)\n\n{table}\n"
     f"## Temperature sweep ({config.sweep_epochs} epochs per student)\n\n{sweep_table}"
   )
   series = {}
@@ -222,17 +233,17 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     ylabel="test accuracy",
     title=f"Distilled MLP students on {config.dataset}",
     logx=True,
-    hlines={"teacher": teacher_result["test_accuracy"]},
+    hlines={"teacher": runs["teacher"]["test_accuracy"]},
   )
   results = {
     "config": config.to_dict(),
     "rows": rows,
     "sweep": sweep,
     "paper_mnist": PAPER,
-    "teacher": teacher_result,
-    "scratch": scratch,
-    "distilled": distilled,
-    "teacher_checkpoint": teacher_info,
+    "teacher": runs["teacher"],
+    "scratch": runs["scratch"],
+    "distilled": runs["distilled"],
+    "teacher_checkpoint": runs["teacher_checkpoint"],
   }
   common.write_json(workdir / "results.json", results)
   print(table + "\n" + sweep_table, flush=True)

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -361,38 +361,40 @@ def describe(method) -> str:
 
 def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
   common.check_config(config, RULES)
+  trained = train_runs(config, workdir)
+  per_method = compare_methods(trained["methods"], trained["scratch_runs"])
+  return write_report(config, workdir, trained, per_method)
+
+
+def train_runs(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
+  """The teacher, every seed's scratch student and every method's students: their results."""
   fit_set, _, test_set = common.load_splits(config)
   # CRD's memory bank has a row per training example: batch['index'] must count the fit set from 0.
   fit_set = dataclasses.replace(fit_set, indices=np.arange(len(fit_set)))
   pair = make_pair(config, fit_set.num_classes)
-  common_args = dict(
+  data = dict(
     train_set=fit_set,
     eval_sets={"test": test_set},
     batch_size=config.batch_size,
     mean=pair.mean,
     std=pair.std,
-    placement=config.placement,
     max_translation=config.max_translation,
   )
   print(f"{config.dataset}: {len(fit_set)} training and {len(test_set)} test examples", flush=True)
-
-  teacher_result = common.train_subrun(
-    workdir,
-    "teacher",
+  teacher_run = common.SubRun(
     model=pair.teacher,
     num_epochs=config.teacher_epochs,
     learning_rate=config.teacher_lr,
     seed=0,
     config=common.subconfig(config, TEACHER_KEYS),
-    **common_args,
+    **data,
   )
+  teacher_result = common.train_subrun(workdir, "teacher", teacher_run, placement=config.placement)
   teacher_variables, teacher_info = common.load_subrun_variables(workdir, "teacher")
   steps = max(1, int(round(config.student_epochs * (len(fit_set) // config.batch_size))))
 
   def student_run(name: str, seed: int, method=None) -> dict:
-    return common.train_subrun(
-      workdir,
-      f"{name}/seed{seed}",
+    student_subrun = common.SubRun(
       model=pair.student,
       num_epochs=config.student_epochs,
       learning_rate=config.student_lr,
@@ -403,29 +405,49 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
       method=method,
       meta={"teacher": teacher_info, "method": describe(method)} if method is not None else None,
       config=common.subconfig(config, STUDENT_KEYS),
-      **common_args,
+      **data,
     )
+    return common.train_subrun(workdir, f"{name}/seed{seed}", student_subrun, placement=config.placement)
 
   scratch_runs = [student_run("scratch", seed) for seed in config.seeds]
-  scratch = common.mean_std(r["test_accuracy"] for r in scratch_runs)
-  rows = [
-    {"method": "teacher", "loss": "CE 1", "test_accuracy": teacher_result["test_accuracy"]},
-    {"method": "student from scratch", "loss": "CE 1", "test_accuracy": scratch},
-  ]
-  per_method = {}
+  methods = {}
   for name in config.methods:
     method = build_method(name, pair, config, steps)
-    results = [student_run(name, seed, method) for seed in config.seeds]
-    accuracy = common.mean_std(r["test_accuracy"] for r in results)
-    per_method[name] = {"loss": describe(method), "test_accuracy": accuracy, "runs": results}
-    per_method[name]["vs_scratch"] = common.paired_difference(
-      [r["test_accuracy"] for r in results], [r["test_accuracy"] for r in scratch_runs]
-    )
+    methods[name] = {"loss": describe(method), "runs": [student_run(name, seed, method) for seed in config.seeds]}
+  return {
+    "sizes": {"train": len(fit_set), "test": len(test_set)},
+    "teacher": teacher_result,
+    "teacher_checkpoint": teacher_info,
+    "scratch_runs": scratch_runs,
+    "methods": methods,
+  }
+
+
+def compare_methods(methods: Mapping[str, dict], scratch_runs: list[dict]) -> dict[str, dict]:
+  """Per method: its loss, mean ± std test accuracy, runs, and paired per-seed differences to scratch and to KD."""
+
+  def accuracies(runs):
+    return [r["test_accuracy"] for r in runs]
+
+  per_method = {}
+  for name, entry in methods.items():
+    runs = entry["runs"]
+    per_method[name] = {"loss": entry["loss"], "test_accuracy": common.mean_std(accuracies(runs)), "runs": runs}
+    per_method[name]["vs_scratch"] = common.paired_difference(accuracies(runs), accuracies(scratch_runs))
   for name, entry in per_method.items():
     if "kd" in per_method and name != "kd":
-      entry["vs_kd"] = common.paired_difference(
-        [r["test_accuracy"] for r in entry["runs"]], [r["test_accuracy"] for r in per_method["kd"]["runs"]]
-      )
+      entry["vs_kd"] = common.paired_difference(accuracies(entry["runs"]), accuracies(per_method["kd"]["runs"]))
+  return per_method
+
+
+def report_rows(trained: Mapping[str, Any], per_method: Mapping[str, dict]) -> list[dict]:
+  """The teacher, scratch and one row per method with its paired verdicts and the published ordering."""
+  scratch = common.mean_std(r["test_accuracy"] for r in trained["scratch_runs"])
+  rows = [
+    {"method": "teacher", "loss": "CE 1", "test_accuracy": trained["teacher"]["test_accuracy"]},
+    {"method": "student from scratch", "loss": "CE 1", "test_accuracy": scratch},
+  ]
+  for name, entry in per_method.items():
     rows.append(
       {
         "method": LABELS.get(name, name),
@@ -437,15 +459,22 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
         "train_seconds": float(np.mean([r["train_seconds"] for r in entry["runs"]])),
       }
     )
+  return rows
 
+
+def write_report(config, workdir: pathlib.Path, trained: Mapping[str, Any], per_method: Mapping[str, dict]) -> dict:
+  """``results.md``, ``results.json`` and ``methods.png``."""
+  teacher_result, sizes = trained["teacher"], trained["sizes"]
+  scratch = common.mean_std(r["test_accuracy"] for r in trained["scratch_runs"])
+  rows = report_rows(trained, per_method)
   columns = ["method", "loss", "test_accuracy", "vs_scratch", "vs_kd", "published_vs_kd", "train_seconds"]
   table = common.markdown_table(rows, columns)
-  teacher_params = teacher_result["params"]
   student_params = per_method[config.methods[0]]["runs"][0]["params"] if per_method else None
   summary = (
-    f"{config.dataset}: teacher {teacher_params} parameters, student {student_params}; "
-    f"{len(fit_set)} training examples, {len(test_set)} test examples, {config.student_epochs:g} student epochs at "
-    f"batch {config.batch_size}, seeds {list(config.seeds)}. Each method's weights are its paper's; none is tuned.\n"
+    f"{config.dataset}: teacher {teacher_result['params']} parameters, student {student_params}; "
+    f"{sizes['train']} training examples, {sizes['test']} test examples, {config.student_epochs:g} student epochs "
+    f"at batch {config.batch_size}, seeds {list(config.seeds)}. Each method's weights are its paper's; none is "
+    "tuned.\n"
   )
   summary += _ordering_summary(per_method)
   (workdir / "results.md").write_text(f"# methods\n\n{table}\n{summary}")
@@ -455,7 +484,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     "teacher": teacher_result,
     "scratch": scratch,
     "methods": per_method,
-    "teacher_checkpoint": teacher_info,
+    "teacher_checkpoint": trained["teacher_checkpoint"],
   }
   common.write_json(workdir / "results.json", results)
   if per_method:

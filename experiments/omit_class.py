@@ -25,6 +25,7 @@ Outputs: ``results.json``, ``results.md``, ``bias_shift.png``.
 from __future__ import annotations
 
 import pathlib
+from typing import Any
 
 import ml_collections
 import numpy as np
@@ -83,44 +84,49 @@ def error_counts(predictions: np.ndarray, labels: np.ndarray, omitted: int) -> t
 
 
 def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
+  common.check_config(config, RULES)
+  fit_set, val_set, test_set = common.load_splits(config)
+  omitted = config.omitted_class
+  if omitted >= fit_set.num_classes:
+    raise common.ConfigError(
+      f"invalid config: omitted_class={omitted} must be a class of {config.dataset!r}, 0 to {fit_set.num_classes - 1}."
+    )
+  eval_sets = {"val": val_set, "test": test_set}
+  trained = train_runs(config, workdir, fit_set, eval_sets)
+  shifts = np.arange(0.0, config.max_shift + 1e-9, config.shift_step)
+  curves = bias_shift_curves(config, trained["student_logits"], eval_sets, shifts)
+  return write_report(config, workdir, trained, curves, shifts, fit_size=len(fit_set), test_labels=test_set.labels)
+
+
+def train_runs(config: ml_collections.ConfigDict, workdir: pathlib.Path, fit_set: Any, eval_sets: dict) -> dict:
+  """The teacher, the student distilled on the transfer set without the omitted class, and the student's logits
+  of every eval split (a function of a split)."""
   import jax
 
   from jaxkd import data as data_lib
   from jaxkd.data import logit_cache
   from jaxkd.models import MLP
 
-  common.check_config(config, RULES)
   mean, std = common.pixel_stats(config.dataset)
-  fit_set, val_set, test_set = common.load_splits(config)
-  num_classes = fit_set.num_classes
-  omitted = config.omitted_class
-  if omitted >= num_classes:
-    raise common.ConfigError(
-      f"invalid config: omitted_class={omitted} must be a class of {config.dataset!r}, 0 to {num_classes - 1}."
-    )
-  eval_sets = {"val": val_set, "test": test_set}
+  num_classes, omitted = fit_set.num_classes, config.omitted_class
+  data = dict(eval_sets=eval_sets, batch_size=config.batch_size, mean=mean, std=std)
   teacher = MLP(
     hidden_sizes=tuple(config.teacher_hidden),
     num_classes=num_classes,
     dropout_rate=config.teacher_dropout,
     input_dropout_rate=config.teacher_input_dropout,
   )
-  teacher_result = common.train_subrun(
-    workdir,
-    "teacher",
+  teacher_run = common.SubRun(
     model=teacher,
     train_set=fit_set,
-    eval_sets=eval_sets,
     num_epochs=config.teacher_epochs,
-    batch_size=config.batch_size,
     learning_rate=config.teacher_lr,
     seed=config.seed,
-    mean=mean,
-    std=std,
-    placement=config.placement,
     max_translation=config.teacher_jitter,
     config=common.subconfig(config, hinton2015.TEACHER_KEYS),
+    **data,
   )
+  teacher_result = common.train_subrun(workdir, "teacher", teacher_run, placement=config.placement)
   teacher_variables, teacher_info = common.load_subrun_variables(workdir, "teacher")
 
   transfer = data_lib.transfer_set(fit_set, drop_classes=[omitted])
@@ -128,78 +134,91 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     teacher.apply, teacher_variables, transfer, cache_dir=workdir / "cache", mean=mean, std=std
   )
   student = MLP(hidden_sizes=tuple(config.student_hidden), num_classes=num_classes)
-  common.train_subrun(
-    workdir,
-    f"student_without_{omitted}",
+  student_run = common.SubRun(
     model=student,
     train_set=transfer,
-    eval_sets=eval_sets,
     num_epochs=config.student_epochs,
-    batch_size=config.batch_size,
     learning_rate=config.student_lr,
     seed=config.seed,
-    mean=mean,
-    std=std,
-    placement=config.placement,
     teacher_logits=teacher_logits,
     temperature=config.temperature,
     alpha=config.alpha,
     config=common.subconfig(config, STUDENT_KEYS),
     meta={"teacher": teacher_info},
+    **data,
   )
+  common.train_subrun(workdir, f"student_without_{omitted}", student_run, placement=config.placement)
   student_variables, _ = common.load_subrun_variables(workdir, f"student_without_{omitted}")
 
   # Logits of whole splits, once; a bias shift on one class is a shift of that class's logit.
   forward = jax.jit(lambda variables, images: student.apply(variables, images))
 
-  def split_logits(dataset):
+  def student_logits(dataset):
     images = data_lib.normalize(dataset.images, mean=mean, std=std)
     return np.concatenate(
       [np.asarray(forward(student_variables, images[i : i + 2000])) for i in range(0, len(images), 2000)]
     )
 
-  shifts = np.arange(0.0, config.max_shift + 1e-9, config.shift_step)
+  return {
+    "teacher": teacher_result,
+    "teacher_checkpoint": teacher_info,
+    "transfer_set_size": len(transfer),
+    "student_logits": student_logits,
+  }
+
+
+def bias_shift_curves(config: ml_collections.ConfigDict, student_logits: Any, eval_sets: dict, shifts: Any) -> dict:
+  """Per eval split, the student's errors (all, and on the omitted class) at each shift of the class's bias."""
+  omitted = config.omitted_class
   curves = {}
   for split, dataset in eval_sets.items():
     total, on_class = error_counts(
-      predictions_with_shift(split_logits(dataset), omitted, shifts), dataset.labels, omitted
+      predictions_with_shift(student_logits(dataset), omitted, shifts), dataset.labels, omitted
     )
     curves[split] = {"errors": total.tolist(), "errors_on_class": on_class.tolist()}
+  return curves
+
+
+def report_rows(config: ml_collections.ConfigDict, curves: dict, shifts: Any) -> list[dict]:
+  """Test errors with no shift, the validation-chosen shift and the test-optimal one, beside the paper's."""
+  omitted, test = config.omitted_class, curves["test"]
   val_best = int(np.argmin(curves["val"]["errors"]))
-  test_best = int(np.argmin(curves["test"]["errors"]))
-  test_count = int(np.sum(test_set.labels == omitted))
+  test_best = int(np.argmin(test["errors"]))
+  settings = {
+    "no shift": 0,
+    "shift chosen on validation": val_best,
+    "test-optimal shift (the paper's protocol)": test_best,
+  }
   rows = [
     {
-      "setting": "no shift",
-      "shift": 0.0,
-      "test_errors": curves["test"]["errors"][0],
-      f"errors_on_{omitted}": curves["test"]["errors_on_class"][0],
-    },
-    {
-      "setting": "shift chosen on validation",
-      "shift": float(shifts[val_best]),
-      "test_errors": curves["test"]["errors"][val_best],
-      f"errors_on_{omitted}": curves["test"]["errors_on_class"][val_best],
-    },
-    {
-      "setting": "test-optimal shift (the paper's protocol)",
-      "shift": float(shifts[test_best]),
-      "test_errors": curves["test"]["errors"][test_best],
-      f"errors_on_{omitted}": curves["test"]["errors_on_class"][test_best],
-    },
+      "setting": setting,
+      "shift": float(shifts[index]),
+      "test_errors": test["errors"][index],
+      f"errors_on_{omitted}": test["errors_on_class"][index],
+    }
+    for setting, index in settings.items()
+  ]
+  rows.append(
     {
       "setting": "paper, MNIST: no shift / +3.5",
       "shift": PAPER["shift"],
       "test_errors": f"{PAPER['errors']} / {PAPER['errors_after']}",
       f"errors_on_{omitted}": f"{PAPER['errors_on_class']} / {PAPER['errors_on_class_after']}",
-    },
-  ]
+    }
+  )
+  return rows
+
+
+def write_report(config, workdir, trained, curves, shifts, *, fit_size: int, test_labels: Any) -> dict:
+  """``results.md``, ``results.json`` and ``bias_shift.png``."""
+  omitted, transfer_size = config.omitted_class, trained["transfer_set_size"]
+  rows = report_rows(config, curves, shifts)
   table = common.markdown_table(rows)
   header = (
     f"# omit_class: class {omitted} never seen by the student ({config.dataset})\n\n"
-    f"Teacher: {teacher_result['test_errors']} test errors. Transfer set: {len(transfer)} examples "
-    f"({len(fit_set) - len(transfer)} of class {omitted} removed). Test set: {len(test_set)} examples, "
-    f"{test_count} of class {omitted}.\n\n"
+    f"Teacher: {trained['teacher']['test_errors']} test errors. Transfer set: {transfer_size} examples "
+    f"({fit_size - transfer_size} of class {omitted} removed). Test set: {len(test_labels)} examples, "
+    f"{int(np.sum(test_labels == omitted))} of class {omitted}.\n\n"
   )
   (workdir / "results.md").write_text(header + table)
   common.plot_lines(
@@ -218,10 +237,10 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     "rows": rows,
     "shifts": shifts.tolist(),
     "curves": curves,
-    "teacher": teacher_result,
+    "teacher": trained["teacher"],
     "paper_mnist": PAPER,
-    "transfer_set_size": len(transfer),
-    "teacher_checkpoint": teacher_info,
+    "transfer_set_size": transfer_size,
+    "teacher_checkpoint": trained["teacher_checkpoint"],
   }
   common.write_json(workdir / "results.json", results)
   print(header + table, flush=True)

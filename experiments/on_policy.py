@@ -34,7 +34,6 @@ was in (under two minutes each at the default sizes).
 
 from __future__ import annotations
 
-import json
 import pathlib
 import time
 from typing import Any
@@ -349,21 +348,16 @@ def step_costs(
 
 
 def _subrun(workdir: pathlib.Path, name: str, inputs: dict, work) -> dict:
-  inputs = json.loads(json.dumps(inputs, sort_keys=True))
-  fingerprint = common.inputs_fingerprint(inputs)
-  run_dir = workdir / name
-  finished = common.finished_or_set_aside(run_dir, name, fingerprint, inputs)
-  if finished is not None:
-    print(f"{name}: finished earlier with these inputs; reusing its result.", flush=True)
-    return finished
-  run_dir.mkdir(parents=True, exist_ok=True)
-  common.write_json(run_dir / common.INPUTS_FILE, {"fingerprint": fingerprint, "inputs": inputs})
-  start = time.perf_counter()
-  result = work(run_dir)
-  result.update(fingerprint=fingerprint, wall_seconds=time.perf_counter() - start)
-  common.write_json(run_dir / "result.json", result)
-  print(f"{name}: {result}", flush=True)
-  return result
+  """``work(run_dir)``'s result, timed and recorded, or a finished one of the same inputs (common.resumable)."""
+
+  def timed(run_dir: pathlib.Path) -> dict:
+    start = time.perf_counter()
+    result = work(run_dir)
+    result["wall_seconds"] = time.perf_counter() - start
+    print(f"{name}: {result}", flush=True)
+    return result
+
+  return common.resumable(workdir, name, inputs, timed)
 
 
 def _teacher(config, workdir, train, test) -> tuple[Any, Any, dict]:

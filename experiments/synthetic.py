@@ -13,7 +13,6 @@ on the same subset. Results go to ``WORKDIR/results.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 
 import jax
@@ -22,6 +21,7 @@ import numpy as np
 import optax
 
 import jaxkd
+from jaxkd import artifacts
 from jaxkd.models import MLP
 
 
@@ -87,7 +87,7 @@ def main(argv=None) -> dict:
     "scratch_student_accuracy": accuracy(student, scratch, test_x, test_y),
     "distilled_student_accuracy": accuracy(student, distilled, test_x, test_y),
   }
-  (workdir / "results.json").write_text(json.dumps(results, indent=2))
+  artifacts.write_json(workdir / "results.json", results, sort_keys=False)
   for name, value in results.items():
     print(f"{name:30s} {value:.4f}")
   return results

@@ -164,7 +164,7 @@ def test_sharded_quick_run_writes_its_tables(tmp_path):
 
   results = run.run_all(setting="quick", only=["sharded"], out_dir=str(tmp_path))
   written = json.loads((tmp_path / "sharded.json").read_text())
-  assert written == json.loads(json.dumps(sharded.common._jsonable(results["sharded"])))
+  assert written == json.loads(json.dumps(sharded.common.to_jsonable(results["sharded"])))
   rows = {row["placement"]: row for row in written["rows"]}
   assert set(rows) == {"replicated", "model2", "model4", "model4_bf16"}  # the tests' 4 fake devices
   whole = rows["replicated"]["teacher_mb_per_device"]
@@ -231,7 +231,7 @@ def test_forward_flops_counts_dense_and_conv_layers():
   example = jax.ShapeDtypeStruct((1, 28, 28, 1), np.float32)
 
   def flops(model):
-    return common.forward_flops(model, jax.eval_shape(model.init, jax.random.key(0), example), example)
+    return common.layer_matmul_flops(model, jax.eval_shape(model.init, jax.random.key(0), example), example)
 
   assert flops(MLP((800, 800))) == 2 * (784 * 800 + 800 * 800 + 800 * 10)
   # conv 3x3x1->32 on 28x28, pool, conv 3x3x32->64 on 14x14, pool, dense 7*7*64->256, dense 256->10

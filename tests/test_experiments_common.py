@@ -1,5 +1,6 @@
 """The experiment machinery: command line, table builder, plot writers, logging, model costs."""
 
+import dataclasses
 import json
 
 import jax
@@ -9,6 +10,7 @@ import pytest
 
 import jaxkd
 from experiments import common
+from jaxkd.data import augment
 from jaxkd.models import MLP
 
 
@@ -91,7 +93,7 @@ def test_flops_and_latency():
   model = MLP(hidden_sizes=(100,))
   x = np.zeros((1, 28, 28, 1), np.float32)
   variables = model.init(jax.random.key(0), x)
-  flops = common.flops_per_example(model.apply, variables, x)
+  flops = common.xla_forward_flops(model.apply, variables, x)
   # Two matmuls dominate: 2*784*100 + 2*100*10 multiply-adds; XLA adds biases and the ReLU.
   assert 2 * (784 * 100 + 100 * 10) <= flops <= 1.1 * 2 * (784 * 100 + 100 * 10)
   latency = common.inference_latency(model.apply, variables, x, batch_size=4, repeats=5)
@@ -170,7 +172,7 @@ def tiny_set(num_examples: int = 64, *, seed: int = 0, split: str = "train"):
 TRAIN, TEST = tiny_set(), tiny_set(32, seed=1, split="test")
 
 
-def subrun(workdir, name="student", **overrides):
+def make_subrun(**overrides):
   kwargs = dict(
     model=MLP(hidden_sizes=(8,), num_classes=4),
     train_set=TRAIN,
@@ -181,10 +183,13 @@ def subrun(workdir, name="student", **overrides):
     seed=0,
     mean=0.5,
     std=0.25,
-    placement="single",
     config=ml_collections.ConfigDict({"student_lr": 1e-3}),
   )
-  return common.train_subrun(workdir, name, **(kwargs | overrides))
+  return common.SubRun(**(kwargs | overrides))
+
+
+def subrun(workdir, name="student", **overrides):
+  return common.train_subrun(workdir, name, make_subrun(**overrides), placement="single")
 
 
 def test_a_subrun_is_reused_for_the_same_inputs_and_rerun_for_others(tmp_path, capsys):
@@ -233,19 +238,7 @@ def test_old_and_unfinished_subruns_of_other_inputs_are_set_aside(tmp_path, caps
 
 
 def inputs(**overrides):
-  kwargs = dict(
-    model=MLP(hidden_sizes=(8,), num_classes=4),
-    train_set=TRAIN,
-    eval_sets={"test": TEST},
-    num_epochs=1.0,
-    batch_size=16,
-    learning_rate=1e-3,
-    seed=0,
-    mean=0.5,
-    std=0.25,
-    config=ml_collections.ConfigDict({"student_lr": 1e-3}),
-  )
-  return common.subrun_inputs(**(kwargs | overrides))
+  return make_subrun(**overrides).description
 
 
 def test_subrun_inputs_see_every_input_that_changes_a_run():
@@ -274,11 +267,39 @@ def test_subrun_inputs_see_every_input_that_changes_a_run():
     ),
     "teacher": (online, online | {"teacher_variables": jax.tree.map(lambda x: x + 1.0, variables)}),
     "method": ({}, {"method": jaxkd.Objective([jaxkd.methods.cross_entropy(weight=0.5)])}),
+    "std": ({}, {"std": 0.3}),
+    "weight_decay": ({}, {"weight_decay": 1e-4}),
+    "loss_fn": (offline, offline | {"loss_fn": jaxkd.losses.dkd_loss}),
+    "augment": ({}, {"augment": augment.mixup(alpha=0.2)}),
+    "curve_every": ({}, {"curve_every": 0.5}),
+    "teacher.apply_fn": (online, online | {"teacher_apply_fn": MLP(hidden_sizes=(6,), num_classes=4).apply}),
   }
+  changed_fields = set()
   for key, (before, after) in changes.items():
     old, new = inputs(**before), inputs(**after)
     differing = {k for k in old if old[k] != new[k]}
     assert differing == {key.split(".")[0]}, (key, differing)
+    # One value: the fingerprint is the description's, so a changed description is a changed fingerprint.
+    assert make_subrun(**before).fingerprint != make_subrun(**after).fingerprint, key
+    assert make_subrun(**before) != make_subrun(**after), key
+    changed_fields |= {field for field in after if after.get(field) is not before.get(field)}
+  # Every field of a SubRun is among those changed above: none can change a run without changing its fingerprint.
+  assert changed_fields == {field.name for field in dataclasses.fields(common.SubRun)}
   # Equal inputs, made anew: equal descriptions; temperature and alpha do not count without a teacher.
   assert inputs() == inputs(model=MLP(hidden_sizes=(8,), num_classes=4), temperature=3.0, alpha=0.1)
   assert json.loads(json.dumps(inputs(**online))) == inputs(**online)  # what the file holds is what is compared
+  equal = make_subrun(model=MLP(hidden_sizes=(8,), num_classes=4), temperature=3.0)
+  assert equal == make_subrun() and equal.fingerprint == make_subrun().fingerprint
+  assert hash(equal) == hash(make_subrun()) and len(equal.fingerprint) == 32
+
+
+def test_an_equal_subrun_reuses_the_finished_result(tmp_path, capsys):
+  first = common.train_subrun(tmp_path, "student", make_subrun(), placement="single")
+  log = (tmp_path / "student" / "metrics.jsonl").read_text()
+  again = make_subrun(model=MLP(hidden_sizes=(8,), num_classes=4))  # made anew, equal
+  assert common.train_subrun(tmp_path, "student", again, placement="single") == first
+  assert (tmp_path / "student" / "metrics.jsonl").read_text() == log  # not trained again
+  assert "moved it" not in capsys.readouterr().out
+  assert (
+    first["fingerprint"] == again.fingerprint == common.read_json(tmp_path / "student" / "inputs.json")["fingerprint"]
+  )
