@@ -77,6 +77,7 @@ from experiments._lm_data import (  # re-exported: the experiment's names
 )
 from experiments._lm_report import write_report
 from experiments._lm_subrun import Evaluator, describe_module, lm_subrun
+from jaxkd.artifacts import tree_fingerprint
 from jaxkd.lm.transformer import LM_PRESETS
 
 __all__ = [
@@ -241,12 +242,11 @@ class Experiment:
 
   @functools.cached_property
   def teacher_variables(self) -> Any:
-    from jaxkd.data import logit_cache
     from jaxkd.training import checkpoint as ckpt
 
     run_dir = self.workdir / "teacher"
     variables, info = ckpt.load_variables(run_dir / "checkpoints")
-    if logit_cache.variables_fingerprint(variables) != self.teacher_result["variables_fingerprint"]:
+    if tree_fingerprint(variables) != self.teacher_result["variables_fingerprint"]:
       raise RuntimeError(
         f"the teacher checkpoint in {run_dir} is not the one its result.json records (fingerprint "
         f"{info['fingerprint']}); delete {run_dir} to train it again."
@@ -322,7 +322,6 @@ class Experiment:
 
 def train_teacher(experiment: Experiment) -> dict:
   """The teacher, its test predictions stored beside it for the students' agreement."""
-  from jaxkd.data import logit_cache
   from jaxkd.lm import text
   from jaxkd.training import checkpoint as ckpt
 
@@ -331,7 +330,7 @@ def train_teacher(experiment: Experiment) -> dict:
   def save_teacher_outputs(run_dir: pathlib.Path, top1: np.ndarray) -> dict:
     np.save(run_dir / "test_top1.npy", top1)
     variables, info = ckpt.load_variables(run_dir / "checkpoints")
-    return {"variables_fingerprint": logit_cache.variables_fingerprint(variables), "checkpoint": info}
+    return {"variables_fingerprint": tree_fingerprint(variables), "checkpoint": info}
 
   return lm_subrun(
     experiment.workdir,

@@ -68,10 +68,6 @@ __all__ = [
 _log = logging.getLogger(__name__)
 
 
-# The old name of :func:`jaxkd.artifacts.tree_fingerprint`, kept (out of ``__all__``) for the experiments that call it.
-variables_fingerprint = tree_fingerprint
-
-
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 # Flax sets these two fields as a module is bound; neither changes what the module computes.
 _FLAX_BOOKKEEPING = ("parent", "name")

@@ -278,8 +278,7 @@ def test_teacher_variables_are_keyed_by_the_one_tree_fingerprint():
   assert tree_fingerprint(a) != tree_fingerprint({"params": {"w": np.zeros((2, 2), np.float16)}})
   _, description = logit_cache.cache_key(lambda v, x: x, a, np.zeros((1, 2, 2, 1), np.uint8))
   assert description["teacher"]["variables_sha256"] == tree_fingerprint(a)
-  # The old name is the same function, kept for the experiments.
-  assert logit_cache.variables_fingerprint is tree_fingerprint and "variables_fingerprint" not in logit_cache.__all__
+  assert not hasattr(logit_cache, "variables_fingerprint")  # one fingerprint: jaxkd.artifacts.tree_fingerprint
 
 
 def test_pipeline_carries_cached_logits_aligned_with_its_images(teacher, tmp_path):
