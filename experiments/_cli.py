@@ -34,6 +34,7 @@ def main(
   from ml_collections import config_flags
 
   argv = list(sys.argv if argv is None else argv)
+  refuse_repeated_flags(argv)
   flag_values = flags.FlagValues()
   flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.", flag_values=flag_values)
   # config_flags registers one flag per `--config.KEY` it finds in sys_argv, so it must see our argv.
@@ -55,6 +56,19 @@ def main(
     return run(config, workdir)
   except ConfigError as e:  # raised before any training: the message is all the user needs, not a traceback
     raise SystemExit(f"{argv[0]}: {e}") from e
+
+
+def refuse_repeated_flags(argv: Sequence[str]) -> None:
+  """Exits naming a flag given twice: absl appends repeated tuple values (``(4, 8)`` twice trains ``(4, 8, 8, 16)``)
+  and keeps the last scalar, so a repeat is refused rather than read one way or the other."""
+  seen: dict[str, str] = {}
+  for arg in argv[1:]:
+    if not arg.startswith("--") or arg == "--":
+      continue
+    name = arg[2:].split("=", 1)[0]
+    if name in seen:
+      raise SystemExit(f"{argv[0]}: --{name} is given twice ({seen[name]!r} and {arg!r}); give it once.")
+    seen[name] = arg
 
 
 def resolve_quick(config: ml_collections.ConfigDict, argv: Sequence[str]) -> ml_collections.ConfigDict:

@@ -66,8 +66,10 @@ def accuracy(model, params, inputs, labels) -> float:
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", required=True)
-  parser.add_argument("--steps", type=int, default=1000)
+  parser.add_argument("--steps", type=int, default=1000, help="training steps of each model, >= 1")
   args = parser.parse_args(argv)
+  if args.steps < 1:  # 0 or fewer would write a results.json of untrained models
+    parser.error(f"--steps must be >= 1, got {args.steps}")
   workdir = pathlib.Path(args.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
 

@@ -303,3 +303,30 @@ def test_an_equal_subrun_reuses_the_finished_result(tmp_path, capsys):
   assert (
     first["fingerprint"] == again.fingerprint == common.read_json(tmp_path / "student" / "inputs.json")["fingerprint"]
   )
+
+
+def test_main_refuses_a_flag_given_twice(tmp_path):
+  """absl appends a repeated tuple flag ((4, 8) then (8, 16) trained (4, 8, 8, 16)) and keeps a scalar's last."""
+
+  def get_config():
+    return ml_collections.ConfigDict({"quick": False, "features": (4, 8), "lr": 0.1})
+
+  def run(config, workdir):
+    return config.features, config.lr
+
+  argv = ["prog", f"--workdir={tmp_path}", "--config.features=(4, 8)", "--config.features=(8, 16)"]
+  with pytest.raises(SystemExit, match=r"--config.features is given twice"):
+    common.main(get_config, run, argv)
+  with pytest.raises(SystemExit, match=r"--config.lr is given twice"):
+    common.main(get_config, run, ["prog", f"--workdir={tmp_path}", "--config.lr=1", "--config.lr", "2"])
+  assert common.main(get_config, run, ["prog", f"--workdir={tmp_path}", "--config.features=(8, 16)"]) == ((8, 16), 0.1)
+
+
+def test_synthetic_refuses_steps_below_one(tmp_path, capsys):
+  from experiments import synthetic
+
+  for steps in ("-5", "0"):
+    with pytest.raises(SystemExit):
+      synthetic.main(["--workdir", str(tmp_path / "syn"), "--steps", steps])
+    assert "--steps must be >= 1" in capsys.readouterr().err
+  assert not (tmp_path / "syn" / "results.json").exists()
