@@ -2,6 +2,7 @@
 
 import concurrent.futures
 import hashlib
+import json
 import logging
 import os
 import pickle
@@ -346,3 +347,53 @@ def test_each_shard_is_verified_once_when_first_read_even_from_many_threads(cach
   assert len(hashed) == 4 * cache.num_shards  # Each of the 4 files of each shard, once.
   for i, item in enumerate(items):
     np.testing.assert_array_equal(item["topk_indices"], cache[i % N]["topk_indices"])
+
+
+def _edit_manifest(directory, edit):
+  """Rewrites the manifest as valid JSON with one change, as a flipped bit in a digit would leave it."""
+  path = directory / "manifest.json"
+  manifest = json.loads(path.read_text())
+  edit(manifest)
+  path.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+
+
+@pytest.mark.parametrize(
+  "edit",
+  [
+    lambda m: m.update(temperature=3.0),  # 2.0 -> 3.0: every consumer would temper with the wrong T.
+    lambda m: m["shards"][3].update(start=11),  # cache[12] would read another sequence's targets.
+    lambda m: m["shards"][1]["files"]["topk_logits"].update(sha256="0" * 64),
+  ],
+  ids=["temperature", "shard_start", "file_sha256"],
+)
+def test_a_changed_manifest_fails_its_digest_and_rewriting_repairs_it(cache_dir, copy, edit):
+  _edit_manifest(copy, edit)
+  with pytest.raises(TopKCacheError, match=r"manifest.json.*fails its digest.*rerun write_topk_cache") as error:
+    open_topk_cache(copy, key=KEY)
+  assert str(copy) in str(error.value)
+  teacher = CountingTeacher()
+  repaired = write(copy, teacher, jit=False)
+  assert teacher.calls == 0  # Every shard still verifies: only the manifest is rewritten.
+  assert file_hashes(copy) == file_hashes(cache_dir)
+  assert repaired.temperature == T and repaired.shard_ranges[3] == (12, 13)
+
+
+def test_a_manifest_without_a_digest_is_refused_until_rewritten(cache_dir, copy):
+  _edit_manifest(copy, lambda m: m.pop("digest"))  # As an older jaxkd wrote it.
+  with pytest.raises(TopKCacheError, match=r"manifest.json has no digest.*older jaxkd.*rerun write_topk_cache"):
+    open_topk_cache(copy, key=KEY)
+  write(copy)
+  assert file_hashes(copy) == file_hashes(cache_dir)
+
+
+def test_an_out_of_range_index_names_the_valid_range(cache_dir):
+  cache = open_topk_cache(cache_dir, key=KEY)
+  for index in (N, -N - 1, 10**6):
+    with pytest.raises(
+      IndexError, match=rf"sequence index {index} is out of range.*13 sequences: 0\.\.12 \(or -13\.\.-1"
+    ):
+      cache[index]
+    with pytest.raises(IndexError, match=r"13 sequences: 0\.\.12"):
+      JoinedSource(TOKENS, cache)[index]
+  with pytest.raises(IndexError, match=r"indices \[13\] are out of range.*0\.\.12"):
+    cache.read([13])

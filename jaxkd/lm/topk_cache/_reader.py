@@ -25,6 +25,7 @@ from jaxkd.lm.topk_cache._format import (
   TopKCacheError,
   check_positive_int,
   key_mismatch,
+  manifest_fault,
   read_manifest_json,
   token_digest,
 )
@@ -65,6 +66,13 @@ def open_topk_cache(
       )
     raise TopKCacheError(f"no top-k cache in {directory} (no {MANIFEST}): run write_topk_cache first.")
   manifest = read_manifest_json(path, "manifest")
+  fault = manifest_fault(path, manifest)
+  if fault is not None:
+    raise TopKCacheError(
+      f"the top-k cache in {directory} cannot be read: {fault}. To repair it, rerun write_topk_cache with the same "
+      "arguments into this directory: it verifies every shard against its own sidecar, reuses those intact and "
+      f"rewrites {MANIFEST}."
+    )
   if manifest.get("format_version") != FORMAT_VERSION:
     raise TopKCacheError(
       f"{path} has format version {manifest.get('format_version')!r}; this jaxkd reads version {FORMAT_VERSION}. "
@@ -176,12 +184,17 @@ class TopKCache:
   def __len__(self) -> int:
     return self._manifest["num_sequences"]
 
+  def _valid_range(self) -> str:
+    return f"{len(self)} sequences: 0..{len(self) - 1} (or -{len(self)}..-1 from the end)"
+
   def _index(self, index: Any) -> int:
-    index = operator.index(index)
-    if index < 0:
-      index += len(self)
+    given = operator.index(index)
+    index = given + len(self) if given < 0 else given
     if not 0 <= index < len(self):
-      raise IndexError(f"sequence index {index} is out of range for a top-k cache of {len(self)} sequences.")
+      raise IndexError(
+        f"sequence index {given} is out of range for the top-k cache in {self._directory}, which holds "
+        f"{self._valid_range()}."
+      )
     return index
 
   def _shard_of(self, indices: np.ndarray) -> np.ndarray:
@@ -241,7 +254,8 @@ class TopKCache:
     outside = (indices < 0) | (indices >= len(self))
     if outside.any():
       raise IndexError(
-        f"sequence indices {given[outside][:5].tolist()} are out of range for a top-k cache of {len(self)} sequences."
+        f"sequence indices {given[outside][:5].tolist()} are out of range for the top-k cache in {self._directory}, "
+        f"which holds {self._valid_range()}."
       )
     shards = self._shard_of(indices)
     out = {
