@@ -36,6 +36,7 @@ class StepChecker:
     ignore_index: int,
     stacked: bool,
     heads: Any = None,
+    objective: Any = None,
   ):
     self.placement = placement
     self.teacher = teacher
@@ -45,6 +46,7 @@ class StepChecker:
     self.ignore_index = ignore_index
     self.stacked = stacked
     self.heads = heads  # the step's output-head strategy (jaxkd._step_parts.OutputHeads), or None
+    self.objective = objective  # the step's jaxkd.objective.Objective, whose terms check the batch, or None
     self._passed: dict[Any, int] = {}  # batch signature -> number of classes, for signatures already checked
 
   def check(self, state: Any, teacher_variables: PyTree, batch: Mapping[str, Any], *, placed: bool) -> None:
@@ -75,6 +77,8 @@ class StepChecker:
       self._passed[signature] = self._check_shapes(model, state, teacher_variables, batch, placed=placed)
     self._check_label_range(labels, batch, self._passed[signature])
     self._check_topk(batch, self._passed[signature])
+    if self.objective is not None:
+      self.objective.check_batch(batch)
 
   def _check_sources(self, model: modeling.Model, teacher_variables: PyTree, batch: Mapping[str, Any]) -> None:
     if self.label_key not in batch:

@@ -335,6 +335,7 @@ class _Step:
       ignore_index=IGNORE_INDEX,
       stacked=stacked,
       heads=spec.heads,
+      objective=spec.objective,
     )
 
   def __call__(self, state: TrainState, teacher_variables: PyTree, batch: Mapping[str, Any]) -> Any:

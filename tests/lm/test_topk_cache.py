@@ -282,11 +282,14 @@ def test_joined_source_merges_sequences_with_their_teacher_entries(cache_dir):
   cache = open_topk_cache(cache_dir, key=KEY)
   joined = JoinedSource(Source(TOKENS), cache)
   item = joined[6]
-  assert set(item) == {"tokens", "label", "teacher_topk_logits", "teacher_topk_indices", "teacher_log_normalizer"}
+  entries = {"teacher_topk_logits", "teacher_topk_indices", "teacher_log_normalizer", "teacher_topk_temperature"}
+  assert set(item) == {"tokens", "label", *entries}
   np.testing.assert_array_equal(item["tokens"], TOKENS[6])
   for name, value in cache[6].items():
     np.testing.assert_array_equal(item[f"teacher_{name}"], value)
-  assert set(JoinedSource(TOKENS, cache)[0]) == {"tokens", *(f"teacher_{name}" for name in topk_cache.ARRAYS)}
+  # The normaliser's temperature, for the step to check against a bucket-tail objective's.
+  assert item["teacher_topk_temperature"].dtype == np.float32 and item["teacher_topk_temperature"] == T
+  assert set(JoinedSource(TOKENS, cache)[0]) == {"tokens", *entries}
   with pytest.raises(TopKCacheError, match="12 sequences but the top-k cache .* has 13"):
     JoinedSource(TOKENS[:-1], cache)
   with pytest.raises(TopKCacheError, match=r"shape \(9,\).*length 8"):
@@ -306,6 +309,7 @@ def test_grain_batches_the_joined_source_and_slices_it_per_process(cache_dir):
     assert stacked.dtype == value.dtype
     np.testing.assert_array_equal(stacked, value)
   np.testing.assert_array_equal(np.concatenate([b["label"] for b in batches]), np.roll(TOKENS, -1, axis=1))
+  np.testing.assert_array_equal(np.concatenate([b["teacher_topk_temperature"] for b in batches]), np.full(N, T))
   rows = cache.process_rows(1, 2)
   local = list(grain.MapDataset.source(joined)[rows.start : rows.stop].shuffle(seed=0).batch(2))
   seen = np.concatenate([b["tokens"] for b in local])

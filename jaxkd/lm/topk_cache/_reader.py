@@ -29,6 +29,7 @@ from jaxkd.lm.topk_cache._format import (
   read_manifest_json,
   token_digest,
 )
+from jaxkd.objective import TOPK_TEMPERATURE
 
 
 def open_topk_cache(
@@ -320,10 +321,12 @@ class JoinedSource:
   """Each sequence joined with its teacher top-k entries: a grain ``RandomAccessDataSource`` for distillation.
 
   Item ``i`` is sequence ``i``'s dict (e.g. ``{'tokens', 'label'}`` from the token pipeline; ``{'tokens'}`` when
-  ``sequences`` is an array) plus ``teacher_topk_logits`` float16 ``[L, k]``, ``teacher_topk_indices`` ``[L, k]``
-  and ``teacher_log_normalizer`` float32 ``[L]``. The numbers of sequences and their lengths must match the cache,
-  and (with ``check_tokens``) each sequence's tokens must hash to what the teacher saw at that index, which catches
-  a shuffled, re-tokenised or different corpus. Shuffle, slice and batch after joining, not before.
+  ``sequences`` is an array) plus ``teacher_topk_logits`` float16 ``[L, k]``, ``teacher_topk_indices`` ``[L, k]`` and
+  ``teacher_log_normalizer`` float32 ``[L]``, and ``teacher_topk_temperature`` float32 ``[]``: the cache's
+  temperature, against which the step checks a ``sparse_kd(tail='bucket')`` objective's. The numbers of sequences and
+  their lengths must match the cache, and (with ``check_tokens``) each sequence's tokens must hash to what the teacher
+  saw at that index, which catches a shuffled, re-tokenised or different corpus. Shuffle, slice and batch after
+  joining, not before.
   """
 
   def __init__(self, sequences: Any, cache: TopKCache, *, check_tokens: bool = True):
@@ -353,4 +356,5 @@ class JoinedSource:
     if self._check_tokens:
       self._cache.check_tokens(index, tokens)
     item.update({f"teacher_{name}": value for name, value in self._cache[index].items()})
+    item[TOPK_TEMPERATURE] = np.asarray(self._cache.temperature, np.float32)
     return item
