@@ -521,6 +521,20 @@ def test_error_batch_does_not_divide_over_devices(placement):
     as_placement("pmap").split_for_pmap(_data(30))
 
 
+@pytest.mark.parametrize("placement", ["single", "pmap", "data_parallel"])
+def test_error_empty_batch(placement):
+  step, teacher_variables = _bad_step(placement)
+  state, teacher_variables = _place(placement, _state(), teacher_variables)
+  empty = {"image": np.zeros((0, 4, 4, 1), np.float32), "label": np.zeros(0, np.int32)}
+  teacher, _ = _teacher()
+  evaluate = train.make_eval_step(teacher_apply_fn=teacher.apply, placement=placement)
+  for run in (step, evaluate):
+    with pytest.raises(
+      ValueError, match=r"the batch is empty: batch\['image'\] has shape \(0, 4, 4, 1\).*Skip empty batches"
+    ):
+      run(state, teacher_variables, empty)
+
+
 def test_error_student_and_teacher_classes_differ():
   step, teacher_variables = _bad_step("single", teacher_num_classes=7)
   with pytest.raises(
