@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxkd import modeling
-from jaxkd.placement import Placement
+from jaxkd.placement import Placement, empty_batch_error
 
 __all__ = ["StepChecker"]
 
@@ -36,6 +36,7 @@ class StepChecker:
     ignore_index: int,
     stacked: bool,
     heads: Any = None,
+    objective: Any = None,
   ):
     self.placement = placement
     self.teacher = teacher
@@ -45,6 +46,7 @@ class StepChecker:
     self.ignore_index = ignore_index
     self.stacked = stacked
     self.heads = heads  # the step's output-head strategy (jaxkd._step_parts.OutputHeads), or None
+    self.objective = objective  # the step's jaxkd.objective.Objective, whose terms check the batch, or None
     self._passed: dict[Any, int] = {}  # batch signature -> number of classes, for signatures already checked
 
   def check(self, state: Any, teacher_variables: PyTree, batch: Mapping[str, Any], *, placed: bool) -> None:
@@ -64,6 +66,7 @@ class StepChecker:
           f"batch['{self.mask_key}'] must have the labels' shape {tuple(np.shape(labels))}, "
           f"got {tuple(np.shape(mask))}."
         )
+    self._check_not_empty(batch, placed=placed)
     if not placed:
       self._check_rows(batch)
     self.placement.check_replicated("state", state)
@@ -75,6 +78,8 @@ class StepChecker:
       self._passed[signature] = self._check_shapes(model, state, teacher_variables, batch, placed=placed)
     self._check_label_range(labels, batch, self._passed[signature])
     self._check_topk(batch, self._passed[signature])
+    if self.objective is not None:
+      self.objective.check_batch(batch)
 
   def _check_sources(self, model: modeling.Model, teacher_variables: PyTree, batch: Mapping[str, Any]) -> None:
     if self.label_key not in batch:
@@ -95,6 +100,15 @@ class StepChecker:
         "every term of the objective reads the teacher, but the step has no teacher_apply_fn and the batch no "
         "'teacher_logits'; pass one, or add a student-only term such as jaxkd.objective.cross_entropy()."
       )
+
+  def _check_not_empty(self, batch: Mapping[str, Any], *, placed: bool) -> None:
+    """A batch of 0 rows, on the host or placed, is a ValueError here rather than an error inside the model."""
+    # The leading axes that count rows: [batch], [steps, batch], and pmap's [devices, ...] in front when placed.
+    row_axes = 1 + self.stacked + (placed and self.placement.use_pmap)
+    for key, value in batch.items():
+      shape = tuple(np.shape(value))
+      if 0 in shape[:row_axes]:
+        raise empty_batch_error(key, shape)
 
   def _check_rows(self, batch: Mapping[str, Any]) -> None:
     axis = 1 if self.stacked else 0

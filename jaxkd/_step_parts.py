@@ -19,7 +19,17 @@ from jaxkd import objective as objective_lib
 from jaxkd.losses import hard_cross_entropy, kd_loss
 from jaxkd.state import TrainState
 
-__all__ = ["DenseHeads", "HeadFns", "OutputHeads", "masked_sum", "metric_sums", "objective_loss"]
+__all__ = [
+  "STUDENT_INVALID",
+  "TEACHER_INVALID",
+  "DenseHeads",
+  "HeadFns",
+  "OutputHeads",
+  "masked_sum",
+  "metric_sums",
+  "objective_loss",
+  "predictions",
+]
 
 PyTree = Any
 # A key stream for the loss terms, apart from the dropout keys fold_in(fold_in(rng, step), device).
@@ -91,8 +101,22 @@ class DenseHeads:
     return hash(DenseHeads)
 
 
+# What predictions() gives a non-finite row of the student's and of the teacher's logits: no label, and not each other.
+STUDENT_INVALID, TEACHER_INVALID = -1, -2
+
+
 def masked_sum(values: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.sum(jnp.where(mask, values.astype(jnp.float32), 0.0))
+
+
+def predictions(logits: jax.Array, *, invalid: int) -> jax.Array:
+  """The argmax class of each row, or ``invalid`` where the row has a non-finite logit.
+
+  ``argmax`` of a NaN row is class 0, which would count as correct for label 0 and agree with another NaN row.
+  ``invalid`` is a negative id no label has (the step's masked positions count for nothing either way); give the
+  student and the teacher different ones, so that two non-finite rows do not agree. Finite rows are unchanged.
+  """
+  return jnp.where(jnp.isfinite(logits).all(axis=-1), jnp.argmax(logits, axis=-1), invalid)
 
 
 def objective_loss(
@@ -168,22 +192,23 @@ def _term_inputs(
 
 def metric_sums(logits, teacher_logits, labels, mask, batch, *, temperature) -> dict[str, jax.Array]:
   """This device's masked sums of the metrics (the step divides them by the global count of real positions)."""
-  predictions = jnp.argmax(logits, axis=-1)
+  # A row with a non-finite logit predicts nothing: incorrect, and in disagreement with the teacher.
+  student_predictions = predictions(logits, invalid=STUDENT_INVALID)
   token_level = labels.ndim >= 2
   sums = {
     "ce": masked_sum(hard_cross_entropy(logits, labels), mask),
-    "accuracy": masked_sum(predictions == labels, mask),
+    "accuracy": masked_sum(student_predictions == labels, mask),
   }
   if teacher_logits is not None:
-    teacher_predictions = jnp.argmax(teacher_logits, axis=-1)
+    teacher_predictions = predictions(teacher_logits, invalid=TEACHER_INVALID)
     sums["kd_loss"] = masked_sum(kd_loss(logits, teacher_logits, temperature), mask)
     sums["teacher_accuracy"] = masked_sum(teacher_predictions == labels, mask)
-    sums["agreement"] = masked_sum(predictions == teacher_predictions, mask)
+    sums["agreement"] = masked_sum(student_predictions == teacher_predictions, mask)
     if token_level:
       sums["teacher_ce"] = masked_sum(hard_cross_entropy(teacher_logits, labels), mask)
   elif objective_lib.TOPK_INDICES in batch:
     # A top-k cache knows the teacher's top-1 token (its first index: lax.top_k sorts), not its full distribution.
     teacher_predictions = jnp.asarray(batch[objective_lib.TOPK_INDICES])[..., 0].astype(jnp.int32)
     sums["teacher_accuracy"] = masked_sum(teacher_predictions == labels, mask)
-    sums["agreement"] = masked_sum(predictions == teacher_predictions, mask)
+    sums["agreement"] = masked_sum(student_predictions == teacher_predictions, mask)
   return sums

@@ -43,6 +43,7 @@ __all__ = [
   "TOPK_KEYS",
   "TOPK_LOGITS",
   "TOPK_LOG_NORMALIZER",
+  "TOPK_TEMPERATURE",
   "MIX_LABEL",
   "MIX_WEIGHT",
   "LossTerm",
@@ -155,6 +156,11 @@ class LossTerm:
     scope: ``'example'``, ``'local'`` or ``'global'`` (see the module docstring).
     init_state: ``init_state(rng, num_data) -> state`` for a term that keeps state between steps.
     needs_teacher: False for terms that read only the student and the labels (cross-entropy).
+    check_batch: ``check_batch(batch)``, called on the host with the step's batch before every step (before
+      anything compiles), raising ValueError for a batch the term would silently misread (e.g.
+      :func:`jaxkd.lm.sparse_kd` against a cache of another temperature). It sees the batch as given to the step:
+      host arrays, or device arrays when the batch was placed already; it should read only NumPy values (reading a
+      device array would wait for a device-to-host copy every step).
   """
 
   name: str
@@ -165,6 +171,7 @@ class LossTerm:
   scope: Scope = "example"
   init_state: Callable[[jax.Array, int], PyTree] | None = None
   needs_teacher: bool = True
+  check_batch: Callable[[Mapping[str, Any]], None] | None = None
 
   def __post_init__(self):
     if not self.name or "/" in self.name:
@@ -222,6 +229,12 @@ class Objective:
   def stateful(self) -> bool:
     return any(t.init_state is not None for t in self.terms)
 
+  def check_batch(self, batch: Mapping[str, Any]) -> None:
+    """Runs every term's host-side :attr:`LossTerm.check_batch` on ``batch`` (the step does, before each step)."""
+    for term in self.terms:
+      if term.check_batch is not None:
+        term.check_batch(batch)
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The terms every objective is made of.
@@ -236,6 +249,9 @@ MIX_LABEL, MIX_WEIGHT = "mix_label", "mix_weight"
 # reads them): the teacher's top-k logits and token ids, sorted (the first is its top-1), and log Z at the cache's T.
 TOPK_LOGITS, TOPK_INDICES, TOPK_LOG_NORMALIZER = "teacher_topk_logits", "teacher_topk_indices", "teacher_log_normalizer"
 TOPK_KEYS = (TOPK_LOGITS, TOPK_INDICES, TOPK_LOG_NORMALIZER)
+# float32 [batch]: the temperature of each example's TOPK_LOG_NORMALIZER (JoinedSource records the cache's), which a
+# term using the normaliser checks on the host (jaxkd.lm.sparse_kd with tail='bucket').
+TOPK_TEMPERATURE = "teacher_topk_temperature"
 
 
 def cross_entropy(*, weight: Schedule = 1.0, name: str = "ce") -> LossTerm:

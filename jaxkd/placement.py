@@ -45,7 +45,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxkd import sharding as sharding_lib
 
-__all__ = ["Placement", "as_placement", "psum", "pmean_inexact"]
+__all__ = ["Placement", "as_placement", "empty_batch_error", "psum", "pmean_inexact"]
 
 PyTree = Any
 
@@ -311,6 +311,8 @@ class Placement:
     if len(shape) <= axis:
       raise ValueError(f"batch['{key}'] must have a batch axis at position {axis}, got shape {shape}.")
     rows = shape[axis]
+    if rows == 0:
+      raise empty_batch_error(key, shape)
     if rows % self.local_shards:
       raise ValueError(
         f"batch size {rows} of batch['{key}'] does not divide over the {self.local_shards} devices of "
@@ -461,6 +463,14 @@ class _KeepStateSharding:
 
   def lower(self, *args: Any) -> Any:
     return self._for(args).lower(*args)
+
+
+def empty_batch_error(key: str, shape: tuple[int, ...]) -> ValueError:
+  """The error for a batch without rows: a step has nothing to average over (and a model's reshape divides by 0)."""
+  return ValueError(
+    f"the batch is empty: batch['{key}'] has shape {tuple(shape)}, no examples to train or evaluate on. Skip empty "
+    "batches before the step (e.g. batch with drop_remainder=True, or filter out a last batch of 0 rows)."
+  )
 
 
 def as_placement(placement: Placement | str | None) -> Placement:

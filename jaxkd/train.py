@@ -278,14 +278,15 @@ def _eval_body(spec: _Spec, state: TrainState, teacher_variables: PyTree, batch:
   logits, _, _ = state.model(variables, batch, train=False, compute_dtype=spec.compute_dtype)
   logits = logits.astype(jnp.float32)
   teacher_logits, _ = _teacher_outputs(spec, teacher_variables, batch)
-  predictions = jnp.argmax(logits, axis=-1)
+  # A row with a non-finite logit (argmax would say class 0) is an incorrect prediction and a disagreement.
+  predictions = _step_parts.predictions(logits, invalid=_step_parts.STUDENT_INVALID)
   sums = {
     "count": jnp.sum(mask, dtype=jnp.int32),
     "correct": jnp.sum(mask & (predictions == labels), dtype=jnp.int32),
     "ce_sum": _step_parts.masked_sum(hard_cross_entropy(logits, labels), mask),
   }
   if teacher_logits is not None:
-    teacher_predictions = jnp.argmax(teacher_logits, axis=-1)
+    teacher_predictions = _step_parts.predictions(teacher_logits, invalid=_step_parts.TEACHER_INVALID)
     sums["teacher_correct"] = jnp.sum(mask & (teacher_predictions == labels), dtype=jnp.int32)
     sums["agreement"] = jnp.sum(mask & (predictions == teacher_predictions), dtype=jnp.int32)
     temperature = objective_lib.value_at(spec.objective.temperature, state.step)
@@ -335,6 +336,7 @@ class _Step:
       ignore_index=IGNORE_INDEX,
       stacked=stacked,
       heads=spec.heads,
+      objective=spec.objective,
     )
 
   def __call__(self, state: TrainState, teacher_variables: PyTree, batch: Mapping[str, Any]) -> Any:
@@ -569,7 +571,8 @@ def make_eval_step(
 
   Returns:
     ``evaluate`` returning ``count``, ``correct`` (int32) and ``ce_sum``; with a teacher also
-    ``teacher_correct``, ``agreement`` (int32) and ``kd_loss_sum`` (at ``temperature``).
+    ``teacher_correct``, ``agreement`` (int32) and ``kd_loss_sum`` (at ``temperature``). A row of logits with a
+    non-finite value is an incorrect prediction (and a disagreement), whatever its argmax; its ``ce_sum`` is NaN.
   """
   objective = objective_lib.Objective((objective_lib.cross_entropy(),), name="eval", temperature=temperature)
   placement = as_placement(placement)

@@ -353,6 +353,33 @@ def test_nonfinite_loss_skips_the_update():
   assert _max_abs_diff(as_placement("pmap").unreplicate(state).params, before.params) > 0
 
 
+@pytest.mark.parametrize("parallel", ["single", "pmap"])
+def test_nonfinite_logits_are_wrong_predictions_in_eval_and_train_metrics(parallel):
+  """argmax of a NaN row is class 0: such a row must count as incorrect and as disagreement, not as a hit."""
+  teacher, teacher_variables = _teacher()
+  state, teacher_variables = _place(parallel, _state(), teacher_variables)
+  evaluate = train.make_eval_step(teacher_apply_fn=teacher.apply, placement=parallel)
+  nan = {"image": np.full((32, 4, 4, 1), np.nan, np.float32), "label": np.zeros(32, np.int32)}  # 0: argmax of NaN
+  sums = _host(parallel, evaluate(state, teacher_variables, nan))
+  means = train.summarize_eval(sums)
+  assert means["count"] == 32 and np.isnan(means["ce"])
+  assert (means["accuracy"], means["teacher_accuracy"], means["agreement"]) == (0.0, 0.0, 0.0)
+  # Half the rows non-finite: the counts are those of the finite half alone.
+  data = _data(seed=4)
+  data["label"][:16] = 0
+  half = dict(data, image=np.where(np.arange(32)[:, None, None, None] < 16, np.nan, data["image"]))
+  finite_half = dict(data, mask=np.arange(32) >= 16)
+  got, expected = (_host(parallel, evaluate(state, teacher_variables, b)) for b in (half, finite_half))
+  for name in ("correct", "teacher_correct", "agreement"):
+    assert int(got[name]) == int(expected[name]), name
+  step = train.make_train_step(teacher_apply_fn=teacher.apply, placement=parallel, donate=False)
+  _, metrics = step(state, teacher_variables, nan)
+  metrics = as_placement(parallel).unreplicate(metrics)
+  assert float(metrics["nonfinite"]) == 1.0
+  for name in ("accuracy", "teacher_accuracy", "agreement"):
+    assert float(metrics[name]) == 0.0, name
+
+
 def test_skip_nonfinite_false_applies_every_update():
   teacher, teacher_variables = _teacher()
   guarded = train.make_train_step(teacher_apply_fn=teacher.apply, placement="single")
@@ -492,6 +519,20 @@ def test_error_batch_does_not_divide_over_devices(placement):
     step(state, teacher_variables, _data(30))
   with pytest.raises(ValueError, match=r"batch size 30 does not divide over 4 devices"):
     as_placement("pmap").split_for_pmap(_data(30))
+
+
+@pytest.mark.parametrize("placement", ["single", "pmap", "data_parallel"])
+def test_error_empty_batch(placement):
+  step, teacher_variables = _bad_step(placement)
+  state, teacher_variables = _place(placement, _state(), teacher_variables)
+  empty = {"image": np.zeros((0, 4, 4, 1), np.float32), "label": np.zeros(0, np.int32)}
+  teacher, _ = _teacher()
+  evaluate = train.make_eval_step(teacher_apply_fn=teacher.apply, placement=placement)
+  for run in (step, evaluate):
+    with pytest.raises(
+      ValueError, match=r"the batch is empty: batch\['image'\] has shape \(0, 4, 4, 1\).*Skip empty batches"
+    ):
+      run(state, teacher_variables, empty)
 
 
 def test_error_student_and_teacher_classes_differ():

@@ -27,7 +27,8 @@ Example (a live teacher; for the cache, build the batches with :class:`jaxkd.top
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import flax.linen as nn
@@ -155,6 +156,11 @@ def sparse_kd(
   computes :func:`jaxkd.losses.sparse_kd_loss` with ``tail='renormalize'`` (the default, the teacher's top
   k renormalised) or ``'bucket'`` (the rest as one class; needs the normaliser at the cache's temperature). It needs
   no teacher network in the step: a cached step costs what a scratch step costs plus one gather.
+
+  With ``tail='bucket'`` the normaliser must be the one at ``temperature``: the step checks it on the host, before
+  each step, against ``batch['teacher_topk_temperature']`` (float32 ``[batch]``, the cache's temperature, which
+  :class:`jaxkd.lm.topk_cache.JoinedSource` adds) and raises ValueError when they differ. A batch without that
+  entry, or one already on the devices, is not checked. ``'renormalize'`` holds at any temperature.
   """
   if tail not in losses.TAIL_MODES:
     raise ValueError(f"tail must be one of {losses.TAIL_MODES}, got {tail!r}.")
@@ -181,7 +187,31 @@ def sparse_kd(
       tail=tail,
     )
 
-  return objective_lib.LossTerm(name, fn, weight, needs_teacher=False)
+  check = functools.partial(_check_cache_temperature, temperature=temperature) if tail == "bucket" else None
+  return objective_lib.LossTerm(name, fn, weight, needs_teacher=False, check_batch=check)
+
+
+def _check_cache_temperature(batch: Mapping[str, Any], *, temperature: float) -> None:
+  """ValueError when the batch's host-side record of the normaliser's temperature is not the term's."""
+  recorded = batch.get(objective_lib.TOPK_TEMPERATURE)
+  if not isinstance(recorded, np.ndarray | np.generic) or not np.size(recorded):
+    return
+  found = [float(t) for t in np.unique(recorded)]
+  if found == [float(np.float32(temperature))]:
+    return
+  what = f"batch['{objective_lib.TOPK_TEMPERATURE}']"
+  if len(found) > 1:
+    raise ValueError(
+      f"the batch mixes log-normalisers at temperatures {found[:5]} ({what}): it was joined from caches written at "
+      f"different temperatures, and sparse_kd(tail='bucket', temperature={temperature}) can match only one. Join "
+      "every batch from caches written at one temperature."
+    )
+  raise ValueError(
+    f"sparse_kd(tail='bucket', temperature={temperature}) takes the tail's mass from the cached log-normaliser, but "
+    f"the cache's temperature is {found[0]!r} ({what}): the tail would be normalised at the wrong temperature and "
+    f"the loss silently wrong. Pass temperature={found[0]!r} to sparse_kd / lm_objective, or write a cache at "
+    f"temperature={temperature} (write_topk_cache, under a new key)."
+  )
 
 
 def lm_objective(
@@ -195,7 +225,8 @@ def lm_objective(
   """``alpha`` x a distillation term + ``(1 - alpha)`` x cross-entropy on the next tokens.
 
   ``kind`` is ``'forward'``, ``'reverse'``, ``'gjsd'`` (:func:`token_kd`, a live teacher) or ``'topk'``
-  (:func:`sparse_kd`, a top-k cache with ``tail``). ``alpha=1`` drops the cross-entropy (pure distillation).
+  (:func:`sparse_kd`, a top-k cache with ``tail``; with ``'bucket'`` its ``temperature`` must be the cache's, which
+  the step checks). ``alpha=1`` drops the cross-entropy (pure distillation).
   """
   if kind not in KINDS:
     raise ValueError(f"kind must be one of {KINDS}, got {kind!r}.")

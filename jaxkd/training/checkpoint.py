@@ -107,11 +107,8 @@ def _split_state(state: Any) -> tuple[dict, dict]:
 
 
 def _path_name(path: tuple) -> str:
-  """``params/Dense_0/kernel``: one spelling for dict keys, attributes and indices.
-
-  Orbax's metadata turns NamedTuples (optax states) into dicts, so paths are
-  compared by their names, not their key types.
-  """
+  """``params/Dense_0/kernel``: one spelling for dict keys, attributes and indices (orbax's metadata turns
+  NamedTuples, optax states, into dicts, so paths are compared by their names, not their key types)."""
   parts = []
   for key in path:
     for attr in ("key", "name", "idx"):
@@ -209,8 +206,7 @@ class Checkpointer:
   Args:
     directory: where step directories go (created if missing).
     max_to_keep: how many of the most recent checkpoints to keep.
-    best_metric: name of a metric passed to :meth:`save`; the best checkpoint by
-      it is kept as well, whatever its age. None keeps only the last K.
+    best_metric: a metric passed to :meth:`save`; the best checkpoint by it is kept too. None: only the last K.
     best_mode: ``'max'`` or ``'min'``.
     async_save: write in a background thread while training continues.
 
@@ -258,8 +254,6 @@ class Checkpointer:
     )
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_item_handlers())
 
-  # ------------------------------------------------------------------ queries
-
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
@@ -284,8 +278,6 @@ class Checkpointer:
     if not self.directory.exists():
       return []
     return sorted(p.name for p in self.directory.iterdir() if p.is_dir() and ".orbax-checkpoint-tmp" in p.name)
-
-  # ------------------------------------------------------------------ save
 
   def save(
     self,
@@ -335,8 +327,6 @@ class Checkpointer:
     self._manager.wait_until_finished()
     self._manager.close()
 
-  # ------------------------------------------------------------------ restore
-
   def check_compatible(self, state_template: Any, step: int, metadata: Any = None) -> None:
     """Raises :class:`CheckpointMismatchError` naming the first array whose shape differs."""
     metadata = self._manager.item_metadata(step) if metadata is None else metadata
@@ -351,16 +341,16 @@ class Checkpointer:
           "Use a new workdir for a different model, or restore the model the checkpoint was made with."
         )
 
-  def restore(self, state_template: Any, step: int | None = None) -> Restored | None:
+  def restore(
+    self, state_template: Any, step: int | None = None, *, accept: Callable[[Restored], None] | None = None
+  ) -> Restored | None:
     """Restores the latest complete checkpoint (or ``step``) into the structure of ``state_template``.
 
-    Returns None when the directory has no checkpoint. A checkpoint that fails
-    to read (e.g. files damaged after it was finalised) or whose arrays fail the
-    integrity check is skipped for the previous one, with a warning; once an
-    older one is read, the skipped ones are moved into ``damaged/`` so that the
-    retrained steps can be saved again. A checkpoint whose shapes differ from
-    ``state_template`` raises :class:`CheckpointMismatchError` instead, since
-    falling back would silently train a different model.
+    None when the directory has no checkpoint. One that fails to read (files damaged after it was finalised),
+    fails the integrity check, or that ``accept(restored)`` rejects with a :class:`CheckpointIntegrityError`
+    (fit's check of the iterator position; other errors propagate) is skipped for the previous one, with a warning;
+    once an older one is read, the skipped ones move into ``damaged/`` so that their steps can be saved again. One
+    whose shapes differ from ``state_template`` raises :class:`CheckpointMismatchError`: it holds another model.
 
     Raises:
       CheckpointMismatchError: the checkpoint holds another model.
@@ -386,8 +376,10 @@ class Checkpointer:
         except Exception as error:  # noqa: BLE001 - any read failure means: try the previous checkpoint
           failure = error
         else:
-          self._set_aside([failed for failed, _, _ in failures])
-          return restored
+          failure = _rejection(accept, restored)
+          if failure is None:
+            self._set_aside([failed for failed, _, _ in failures])
+            return restored
       message = (
         f"checkpoint step {candidate} in {self.directory} could not be read ({type(failure).__name__}: {failure})"
       )
@@ -494,6 +486,16 @@ def _with_dtypes(tree: PyTree, dtypes: Mapping[str, Any], convert: Callable[[Any
   return jax.tree_util.tree_map_with_path(leaf, tree)
 
 
+def _rejection(accept: Callable[[Restored], None] | None, restored: Restored) -> CheckpointIntegrityError | None:
+  """The damage ``accept`` finds in a checkpoint that was read, or None; its other errors propagate."""
+  try:
+    if accept is not None:
+      accept(restored)
+  except CheckpointIntegrityError as error:
+    return error
+  return None
+
+
 def _read_error(*failures: Exception) -> type[Exception]:
   """CheckpointIntegrityError when every failure was one (a caller may catch it as a ValueError), else RuntimeError."""
   if failures and all(isinstance(failure, CheckpointIntegrityError) for failure in failures):
@@ -545,18 +547,15 @@ def _read_model(manager: ocp.CheckpointManager, path: pathlib.Path, step: int) -
 def load_variables(path: os.PathLike | str, *, step: int | None = None) -> tuple[dict, dict]:
   """Reads only ``{'params', 'batch_stats'}`` of a jaxkd checkpoint (a teacher, or a student for inference).
 
-  Reading the latest step, a step that cannot be read or fails its integrity
-  check is skipped for the previous one, with a warning (nothing on disk is
-  changed: a fit in that workdir moves damaged steps aside and saves them again).
+  Reading the latest step, a step that cannot be read or fails its integrity check is skipped for the previous one,
+  with a warning (nothing on disk is changed: a fit in that workdir moves damaged steps aside and saves them again).
 
   Args:
-    path: a run's checkpoint directory (the latest readable step is taken) or
-      one step's directory (``.../checkpoints/1200``).
+    path: a run's checkpoint directory (the latest readable step is taken) or one step's (``.../checkpoints/1200``).
     step: a step to read from a checkpoint directory.
 
   Returns:
-    ``(variables, info)`` where ``info`` has ``path``, ``step`` (the step read)
-    and ``fingerprint`` (of the variables), to record provenance.
+    ``(variables, info)``, ``info`` with ``path``, ``step`` (the step read) and ``fingerprint`` (of the variables).
 
   Raises:
     FileNotFoundError: naming the path when it holds no complete checkpoint.

@@ -269,12 +269,23 @@ def _restore(
   """The latest checkpoint's state (or ``state``) and its step (or None); repositions ``train_data``."""
   if checkpointer is None:
     return state, None
-  restored = checkpointer.restore(state)
+
+  def accept(restored: ckpt.Restored) -> None:
+    where = checkpointer.directory / str(restored.step)
+    _check_config(restored, config, where, allow_config_change)
+    if restored.data_state and hasattr(train_data, "set_state"):
+      try:
+        train_data.set_state(restored.data_state)
+      except (ValueError, KeyError, TypeError) as error:  # Valid JSON, but not a position of this iterator.
+        raise ckpt.CheckpointIntegrityError(
+          f"its iterator position (the 'data' item of {where}) does not fit the train_data iterator "
+          f"({type(error).__name__}: {error}): the item is damaged, or was saved by another data pipeline"
+        ) from error
+
+  # A damaged position falls back to the previous checkpoint, as damaged arrays do; a changed config stops the run.
+  restored = checkpointer.restore(state, accept=accept)
   if restored is None:
     return state, None
-  _check_config(restored, config, checkpointer.directory / str(restored.step), allow_config_change)
-  if restored.data_state and hasattr(train_data, "set_state"):
-    train_data.set_state(restored.data_state)
   print(f"jaxkd: resumed from {checkpointer.directory / str(restored.step)} at step {restored.step}", flush=True)
   return restored.state, restored.step
 

@@ -117,14 +117,17 @@ def test_padding_and_ignored_labels_equal_slicing(pair, chunk_size):
     _close(new_state.params, ref_state.params, rtol=1e-5, atol=1e-6)
 
 
-def _topk_batch(teacher, teacher_variables, batch, k):
+def _topk_batch(teacher, teacher_variables, batch, k, temperature=None):
+  """The cache's entries; with ``temperature``, the normaliser at it and its record, as JoinedSource adds them."""
   logits = teacher.linen_module.apply(teacher_variables, batch["tokens"])
-  top = sparse_losses.teacher_topk(logits, k=k)
+  top = sparse_losses.teacher_topk(logits, k=k, temperature=1.0 if temperature is None else temperature)
+  recorded = {} if temperature is None else {"teacher_topk_temperature": np.full(len(logits), temperature, np.float32)}
   return {
     **batch,
     "teacher_topk_logits": np.asarray(top["topk_logits"]),
     "teacher_topk_indices": np.asarray(top["topk_indices"]).astype(np.uint16),
     "teacher_log_normalizer": np.asarray(top["log_normalizer"]),
+    **recorded,
   }
 
 
@@ -203,6 +206,29 @@ def test_cache_mismatches_are_errors(pair):
   missing = {k: v for k, v in batch.items() if k != "teacher_topk_indices"}
   with pytest.raises(ValueError, match="teacher_topk_indices"):
     step(state, None, missing)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 8])
+def test_a_bucket_tail_at_another_temperature_than_the_cache_is_an_error(pair, chunk_size):
+  """The tail's mass comes from the cached log-normaliser, which holds only at the cache's temperature."""
+  teacher, teacher_variables, state = pair
+  batch = _topk_batch(teacher, teacher_variables, _batch(seed=8), 4, temperature=2.0)
+
+  def step(temperature, tail="bucket"):
+    objective = lm.lm_objective("topk", alpha=0.5, temperature=temperature, tail=tail)
+    return jaxkd.make_train_step(objective=objective, placement="single", donate=False, chunk_size=chunk_size)
+
+  with pytest.raises(
+    ValueError, match=r"cache's temperature is 2\.0 .*teacher_topk_temperature.*Pass temperature=2\.0"
+  ):
+    step(1.0)(state, None, batch)
+  with pytest.raises(ValueError, match=r"mixes log-normalisers at temperatures \[1\.0, 2\.0\]"):
+    step(1.0)(state, None, {**batch, "teacher_topk_temperature": np.where(np.arange(BATCH) < 4, 1.0, 2.0)})
+  _, metrics = step(2.0)(state, None, batch)  # Equal temperatures train.
+  assert np.isfinite(float(metrics["loss/topk"]))
+  step(1.0, tail="renormalize")(state, None, batch)  # The renormalised top k hold at any temperature.
+  unrecorded = {k: v for k, v in batch.items() if k != "teacher_topk_temperature"}
+  step(1.0)(state, None, unrecorded)  # Batches built without JoinedSource record none: nothing to compare.
 
 
 def test_chunk_size_errors(pair):

@@ -2,6 +2,7 @@
 
 import concurrent.futures
 import hashlib
+import json
 import logging
 import os
 import pickle
@@ -281,11 +282,14 @@ def test_joined_source_merges_sequences_with_their_teacher_entries(cache_dir):
   cache = open_topk_cache(cache_dir, key=KEY)
   joined = JoinedSource(Source(TOKENS), cache)
   item = joined[6]
-  assert set(item) == {"tokens", "label", "teacher_topk_logits", "teacher_topk_indices", "teacher_log_normalizer"}
+  entries = {"teacher_topk_logits", "teacher_topk_indices", "teacher_log_normalizer", "teacher_topk_temperature"}
+  assert set(item) == {"tokens", "label", *entries}
   np.testing.assert_array_equal(item["tokens"], TOKENS[6])
   for name, value in cache[6].items():
     np.testing.assert_array_equal(item[f"teacher_{name}"], value)
-  assert set(JoinedSource(TOKENS, cache)[0]) == {"tokens", *(f"teacher_{name}" for name in topk_cache.ARRAYS)}
+  # The normaliser's temperature, for the step to check against a bucket-tail objective's.
+  assert item["teacher_topk_temperature"].dtype == np.float32 and item["teacher_topk_temperature"] == T
+  assert set(JoinedSource(TOKENS, cache)[0]) == {"tokens", *entries}
   with pytest.raises(TopKCacheError, match="12 sequences but the top-k cache .* has 13"):
     JoinedSource(TOKENS[:-1], cache)
   with pytest.raises(TopKCacheError, match=r"shape \(9,\).*length 8"):
@@ -305,6 +309,7 @@ def test_grain_batches_the_joined_source_and_slices_it_per_process(cache_dir):
     assert stacked.dtype == value.dtype
     np.testing.assert_array_equal(stacked, value)
   np.testing.assert_array_equal(np.concatenate([b["label"] for b in batches]), np.roll(TOKENS, -1, axis=1))
+  np.testing.assert_array_equal(np.concatenate([b["teacher_topk_temperature"] for b in batches]), np.full(N, T))
   rows = cache.process_rows(1, 2)
   local = list(grain.MapDataset.source(joined)[rows.start : rows.stop].shuffle(seed=0).batch(2))
   seen = np.concatenate([b["tokens"] for b in local])
@@ -346,3 +351,53 @@ def test_each_shard_is_verified_once_when_first_read_even_from_many_threads(cach
   assert len(hashed) == 4 * cache.num_shards  # Each of the 4 files of each shard, once.
   for i, item in enumerate(items):
     np.testing.assert_array_equal(item["topk_indices"], cache[i % N]["topk_indices"])
+
+
+def _edit_manifest(directory, edit):
+  """Rewrites the manifest as valid JSON with one change, as a flipped bit in a digit would leave it."""
+  path = directory / "manifest.json"
+  manifest = json.loads(path.read_text())
+  edit(manifest)
+  path.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+
+
+@pytest.mark.parametrize(
+  "edit",
+  [
+    lambda m: m.update(temperature=3.0),  # 2.0 -> 3.0: every consumer would temper with the wrong T.
+    lambda m: m["shards"][3].update(start=11),  # cache[12] would read another sequence's targets.
+    lambda m: m["shards"][1]["files"]["topk_logits"].update(sha256="0" * 64),
+  ],
+  ids=["temperature", "shard_start", "file_sha256"],
+)
+def test_a_changed_manifest_fails_its_digest_and_rewriting_repairs_it(cache_dir, copy, edit):
+  _edit_manifest(copy, edit)
+  with pytest.raises(TopKCacheError, match=r"manifest.json.*fails its digest.*rerun write_topk_cache") as error:
+    open_topk_cache(copy, key=KEY)
+  assert str(copy) in str(error.value)
+  teacher = CountingTeacher()
+  repaired = write(copy, teacher, jit=False)
+  assert teacher.calls == 0  # Every shard still verifies: only the manifest is rewritten.
+  assert file_hashes(copy) == file_hashes(cache_dir)
+  assert repaired.temperature == T and repaired.shard_ranges[3] == (12, 13)
+
+
+def test_a_manifest_without_a_digest_is_refused_until_rewritten(cache_dir, copy):
+  _edit_manifest(copy, lambda m: m.pop("digest"))  # As an older jaxkd wrote it.
+  with pytest.raises(TopKCacheError, match=r"manifest.json has no digest.*older jaxkd.*rerun write_topk_cache"):
+    open_topk_cache(copy, key=KEY)
+  write(copy)
+  assert file_hashes(copy) == file_hashes(cache_dir)
+
+
+def test_an_out_of_range_index_names_the_valid_range(cache_dir):
+  cache = open_topk_cache(cache_dir, key=KEY)
+  for index in (N, -N - 1, 10**6):
+    with pytest.raises(
+      IndexError, match=rf"sequence index {index} is out of range.*13 sequences: 0\.\.12 \(or -13\.\.-1"
+    ):
+      cache[index]
+    with pytest.raises(IndexError, match=r"13 sequences: 0\.\.12"):
+      JoinedSource(TOKENS, cache)[index]
+  with pytest.raises(IndexError, match=r"indices \[13\] are out of range.*0\.\.12"):
+    cache.read([13])

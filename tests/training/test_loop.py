@@ -437,3 +437,18 @@ def test_unwritable_workdir_fails_before_any_step(tmp_path, how):
     if how == "read_only":
       parent.chmod(0o700)
   assert data.count == 0
+
+
+def test_an_incomplete_iterator_position_falls_back_to_the_previous_checkpoint(tmp_path, capsys):
+  """A 'data' item that is valid JSON but not this iterator's position is damage, like damaged arrays."""
+  first = _fit_worker.make_run(tmp_path, 20)  # saves steps 7, 14, 20 and keeps the last two
+  checkpoints = tmp_path / "checkpoints"
+  (checkpoints / "20" / "data" / "metadata").write_text('{"epoch": 0}')  # the position's "index" is gone
+  capsys.readouterr()
+  second = _fit_worker.make_run(tmp_path, 20)
+  out = capsys.readouterr().out
+  assert "checkpoint step 20" in out and "iterator position" in out and "falling back" in out
+  assert second.resumed_from == 14 and second.step == 20
+  assert [p.name.split("-")[0] for p in (checkpoints / ckpt.DAMAGED_DIR).iterdir()] == ["20"]
+  for a, b in zip(trained(first.state), trained(second.state), strict=True):
+    np.testing.assert_array_equal(a, b)  # retrained from 14 with the right batches: the same run

@@ -50,7 +50,8 @@ On disk, a cache is a directory::
   shard-00000.json                 the shard's sidecar: its rows and the size and SHA-256 of each file
   ...
   manifest.json                    written last: format version, key, k, vocab_size, length, temperature,
-                                   dtypes, num_sequences, shard_size and every shard's sidecar record
+                                   dtypes, num_sequences, shard_size, every shard's sidecar record and the
+                                   digest of all of these (jaxkd.artifacts.json_digest)
 
 Shard ``s`` holds sequences ``[s * shard_size, min(N, (s + 1) * shard_size))``. Every file is written to a
 temporary name and renamed, so a killed writer never leaves a partial file under a final name; a shard's sidecar
@@ -58,11 +59,14 @@ is written after its arrays, so a sidecar vouches for a complete shard. Rerunnin
 kill reuses every shard whose sidecar matches the run and whose files verify, and computes the rest. The
 manifest, written only when every shard is done, is what :func:`open_topk_cache` requires.
 
-Reading: :func:`open_topk_cache` checks the manifest against the caller's key (a fingerprint of teacher, corpus,
-tokenizer, k and temperature: :func:`topk_cache_key`) and checks that every shard file exists with its recorded
-size, which costs a ``stat`` per file. The SHA-256 of a shard's files is checked when this process first reads
-from that shard, not up front, so a host of a multi-host job reads and verifies only its own shards
-(:meth:`TopKCache.process_shards`). Arrays are memory-mapped, so reading one sequence touches only its rows.
+Reading: :func:`open_topk_cache` checks the manifest's digest (a changed temperature or shard start would otherwise
+give wrongly tempered or another sequence's targets; a manifest without one, from an older jaxkd, is refused until
+:func:`write_topk_cache` is rerun, which reuses the verified shards), then checks it against the caller's key (a
+fingerprint of teacher, corpus, tokenizer, k and temperature: :func:`topk_cache_key`) and checks that every shard
+file exists with its recorded size, which costs a ``stat`` per file. The SHA-256 of a shard's files is checked when
+this process first reads from that shard, not up front, so a host of a multi-host job reads and verifies only its
+own shards (:meth:`TopKCache.process_shards`). Arrays are memory-mapped, so reading one sequence touches only its
+rows.
 
 The token digests let :class:`JoinedSource` check that sequence ``i`` of the token pipeline is the sequence the
 teacher saw at row ``i``: a reordered, re-tokenised or different corpus is an error, not silently wrong targets.

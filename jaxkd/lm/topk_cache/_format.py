@@ -20,6 +20,8 @@ from jaxkd.artifacts import ArtifactError, json_digest, read_json_object
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+# The manifest's field holding json_digest of the rest of it: what every reader trusts is what the writer wrote.
+DIGEST = "digest"
 # The arrays a reader gets per sequence, in the order of the loss's inputs; token digests are for checks only.
 ARRAYS = ("topk_logits", "topk_indices", "log_normalizer")
 FILES = (*ARRAYS, "token_digests")
@@ -136,6 +138,26 @@ def key_mismatch(directory: str, found: str, wanted: str) -> TopKCacheError:
     "corpus, tokenizer, k, temperature or length. Point to another directory, or delete this one (rm -r "
     f"{directory}) and run write_topk_cache to rebuild it."
   )
+
+
+def manifest_digest(manifest: Mapping[str, Any]) -> str:
+  """:func:`jaxkd.artifacts.json_digest` of a manifest's fields other than its digest."""
+  return json_digest({name: value for name, value in manifest.items() if name != DIGEST})
+
+
+def manifest_fault(path: str, manifest: Mapping[str, Any]) -> str | None:
+  """Why a manifest's content cannot be trusted (no digest, or one that does not match it); None when it verifies."""
+  if DIGEST not in manifest:
+    return (
+      f"{path} has no digest: it was written by an older jaxkd (format version {manifest.get('format_version')!r}, "
+      "before manifests carried one) or its digest field was damaged, so a changed field could not be told"
+    )
+  if manifest[DIGEST] != manifest_digest(manifest):
+    return (
+      f"{path} fails its digest check (its content changed after it was written: disk damage, a bad copy or an "
+      "edit), so its temperature, settings or shard rows cannot be trusted"
+    )
+  return None
 
 
 def read_manifest_json(path: str, what: str) -> dict[str, Any]:

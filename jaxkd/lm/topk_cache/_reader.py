@@ -25,9 +25,11 @@ from jaxkd.lm.topk_cache._format import (
   TopKCacheError,
   check_positive_int,
   key_mismatch,
+  manifest_fault,
   read_manifest_json,
   token_digest,
 )
+from jaxkd.objective import TOPK_TEMPERATURE
 
 
 def open_topk_cache(
@@ -65,6 +67,13 @@ def open_topk_cache(
       )
     raise TopKCacheError(f"no top-k cache in {directory} (no {MANIFEST}): run write_topk_cache first.")
   manifest = read_manifest_json(path, "manifest")
+  fault = manifest_fault(path, manifest)
+  if fault is not None:
+    raise TopKCacheError(
+      f"the top-k cache in {directory} cannot be read: {fault}. To repair it, rerun write_topk_cache with the same "
+      "arguments into this directory: it verifies every shard against its own sidecar, reuses those intact and "
+      f"rewrites {MANIFEST}."
+    )
   if manifest.get("format_version") != FORMAT_VERSION:
     raise TopKCacheError(
       f"{path} has format version {manifest.get('format_version')!r}; this jaxkd reads version {FORMAT_VERSION}. "
@@ -176,12 +185,17 @@ class TopKCache:
   def __len__(self) -> int:
     return self._manifest["num_sequences"]
 
+  def _valid_range(self) -> str:
+    return f"{len(self)} sequences: 0..{len(self) - 1} (or -{len(self)}..-1 from the end)"
+
   def _index(self, index: Any) -> int:
-    index = operator.index(index)
-    if index < 0:
-      index += len(self)
+    given = operator.index(index)
+    index = given + len(self) if given < 0 else given
     if not 0 <= index < len(self):
-      raise IndexError(f"sequence index {index} is out of range for a top-k cache of {len(self)} sequences.")
+      raise IndexError(
+        f"sequence index {given} is out of range for the top-k cache in {self._directory}, which holds "
+        f"{self._valid_range()}."
+      )
     return index
 
   def _shard_of(self, indices: np.ndarray) -> np.ndarray:
@@ -241,7 +255,8 @@ class TopKCache:
     outside = (indices < 0) | (indices >= len(self))
     if outside.any():
       raise IndexError(
-        f"sequence indices {given[outside][:5].tolist()} are out of range for a top-k cache of {len(self)} sequences."
+        f"sequence indices {given[outside][:5].tolist()} are out of range for the top-k cache in {self._directory}, "
+        f"which holds {self._valid_range()}."
       )
     shards = self._shard_of(indices)
     out = {
@@ -306,10 +321,12 @@ class JoinedSource:
   """Each sequence joined with its teacher top-k entries: a grain ``RandomAccessDataSource`` for distillation.
 
   Item ``i`` is sequence ``i``'s dict (e.g. ``{'tokens', 'label'}`` from the token pipeline; ``{'tokens'}`` when
-  ``sequences`` is an array) plus ``teacher_topk_logits`` float16 ``[L, k]``, ``teacher_topk_indices`` ``[L, k]``
-  and ``teacher_log_normalizer`` float32 ``[L]``. The numbers of sequences and their lengths must match the cache,
-  and (with ``check_tokens``) each sequence's tokens must hash to what the teacher saw at that index, which catches
-  a shuffled, re-tokenised or different corpus. Shuffle, slice and batch after joining, not before.
+  ``sequences`` is an array) plus ``teacher_topk_logits`` float16 ``[L, k]``, ``teacher_topk_indices`` ``[L, k]`` and
+  ``teacher_log_normalizer`` float32 ``[L]``, and ``teacher_topk_temperature`` float32 ``[]``: the cache's
+  temperature, against which the step checks a ``sparse_kd(tail='bucket')`` objective's. The numbers of sequences and
+  their lengths must match the cache, and (with ``check_tokens``) each sequence's tokens must hash to what the teacher
+  saw at that index, which catches a shuffled, re-tokenised or different corpus. Shuffle, slice and batch after
+  joining, not before.
   """
 
   def __init__(self, sequences: Any, cache: TopKCache, *, check_tokens: bool = True):
@@ -339,4 +356,5 @@ class JoinedSource:
     if self._check_tokens:
       self._cache.check_tokens(index, tokens)
     item.update({f"teacher_{name}": value for name, value in self._cache[index].items()})
+    item[TOPK_TEMPERATURE] = np.asarray(self._cache.temperature, np.float32)
     return item

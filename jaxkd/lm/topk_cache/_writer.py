@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from jaxkd.artifacts import file_fault, mismatched_fields, write_json, write_npy
 from jaxkd.lm.topk_cache._format import (
+  DIGEST,
   DIGEST_DTYPE,
   FILES,
   FLOAT16_MAX,
@@ -34,6 +35,8 @@ from jaxkd.lm.topk_cache._format import (
   check_settings,
   index_dtype,
   key_mismatch,
+  manifest_digest,
+  manifest_fault,
   read_manifest_json,
   shard_name,
   token_digest,
@@ -207,7 +210,8 @@ def write_topk_cache(
   manifest_path = _prepare_directory(directory, header)
   forward = _forward_fn(teacher_fn, k=k, temperature=temperature, vocab_size=vocab_size, jit=jit)
   shards = _write_shards(directory, reader, forward, header, min(batch_size, shard_size, len(reader)), progress)
-  write_json(manifest_path, {**header, "shards": shards}, indent=1)
+  manifest = {**header, "shards": shards}
+  write_json(manifest_path, {**manifest, DIGEST: manifest_digest(manifest)}, indent=1)
   return open_topk_cache(directory, key=key, k=k, vocab_size=vocab_size, length=reader.length)
 
 
@@ -247,6 +251,11 @@ def _prepare_directory(directory: str, header: Mapping[str, Any]) -> str:
   manifest_path = os.path.join(directory, MANIFEST)
   if os.path.exists(manifest_path):
     old = read_manifest_json(manifest_path, "manifest")
+    fault = manifest_fault(manifest_path, old)
+    if fault is not None:  # Nothing in it can be trusted, not even its key: the shards' sidecars still guard theirs.
+      _log.warning("Top-k cache: rewriting %s: %s.", manifest_path, fault)
+      os.remove(manifest_path)
+      return manifest_path
     if old.get("key") != header["key"]:
       raise key_mismatch(directory, old.get("key"), header["key"])
     if mismatched_fields(old, header):
