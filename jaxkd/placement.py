@@ -332,9 +332,14 @@ class Placement:
       return jax.device_put(batch, self.local_devices[0])
     spec = P(None, self.data_axis) if stacked else P(self.data_axis)
     sharding = NamedSharding(self.mesh, spec)
-    if jax.process_count() > 1:
-      return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
-    return jax.device_put(batch, sharding)
+    try:
+      if jax.process_count() > 1:
+        return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+      return jax.device_put(batch, sharding)
+    except ValueError:  # JAX's IndivisibleError: name the entry, its rows and the devices instead
+      for path, x in jax.tree_util.tree_flatten_with_path(batch)[0]:
+        self.check_batch_size(jax.tree_util.keystr(path).strip("[]'\""), tuple(np.shape(x)), axis=int(stacked))
+      raise
 
   def split_for_pmap(self, batch: PyTree, *, stacked: bool = False) -> PyTree:
     """``[batch, ...]`` -> ``[devices, batch // devices, ...]`` (``[steps, batch, ...]`` -> ``[devices, steps,
