@@ -1,7 +1,7 @@
 """Language-model distillation step: speed against hand-written JAX and PyTorch, chunked-head memory, top-k cache.
 
 Three tables, each timed in one run with the variants in alternation (:mod:`benchmarks.common`), all on the same
-:class:`jaxkd.transformer.TransformerLM` teacher and student (``lm_config`` presets) and random tokens:
+:class:`jaxkd.lm.transformer.TransformerLM` teacher and student (``lm_config`` presets) and random tokens:
 
 1. **speed**: tokens/s of the live-teacher LM KD step, ``alpha * KL(teacher || student) + (1 - alpha) * CE`` at
    ``T = 1``, ``alpha = 0.5``, a masked mean over tokens, ``optax.adamw(1e-3)``:
@@ -38,15 +38,15 @@ Three tables, each timed in one run with the variants in alternation (:mod:`benc
    Target: **chunked/dense total <= 0.25**.
 
 3. **cache**: a top-k cache (``k`` logits, indices, normaliser) of ``epoch_sequences`` random token windows written
-   with :func:`jaxkd.topk_cache.write_topk_cache` to a temporary directory, then whole epochs (shuffled, batches
+   with :func:`jaxkd.lm.topk_cache.write_topk_cache` to a temporary directory, then whole epochs (shuffled, batches
    read inside the timed epoch) of the cached top-k step against epochs of the scratch step (cross-entropy only,
    ``make_train_step()`` without a teacher), each pair reading its batches the same way:
 
-   * ``scratch_items`` / ``cached_items``: ``grain.MapDataset.source(...)`` of :class:`jaxkd.text.TokenSequences`
-     (scratch) or of :class:`jaxkd.topk_cache.JoinedSource` over it (cached; token digests checked per sequence),
+   * ``scratch_items`` / ``cached_items``: ``grain.MapDataset.source(...)`` of :class:`jaxkd.lm.text.TokenSequences`
+     (scratch) or of :class:`jaxkd.lm.topk_cache.JoinedSource` over it (cached; token digests checked per sequence),
      ``.shuffle(seed).batch(batch)``, grain's per-item reads stacked;
-   * ``scratch_batched`` / ``cached_batched``: :func:`jaxkd.text.token_batches` (one vectorised gather per batch)
-     and the same grain pipeline whose ``batch_fn`` adds :meth:`jaxkd.topk_cache.TopKCache.read` of the batch's
+   * ``scratch_batched`` / ``cached_batched``: :func:`jaxkd.lm.text.token_batches` (one vectorised gather per batch)
+     and the same grain pipeline whose ``batch_fn`` adds :meth:`jaxkd.lm.topk_cache.TopKCache.read` of the batch's
      indices.
 
    Target: **cached/scratch epoch <= 1.10**.

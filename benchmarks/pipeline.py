@@ -12,7 +12,7 @@ Measured, the compared variants in alternation (see :mod:`benchmarks.common`):
   - ``epoch_cached``: a full epoch end to end, pipeline + offline step (cached teacher logits in the batch);
   - ``epoch_online``: a full epoch end to end, pipeline + online step (the teacher runs inside the step);
   - ``epoch_fm``: function matching (Beyer et al. 2022): the online step with mixup computed inside it
-    (:func:`jaxkd.augment.mixup`, Beta(1, 1) per example) and KD only, the main job's function-matching arm;
+    (:func:`jaxkd.data.augment.mixup`, Beta(1, 1) per example) and KD only, the main job's function-matching arm;
   - ``epoch_scan``: ``epoch_cached`` with ``steps_per_call=STEPS_PER_CALL`` (``lax.scan`` over that many
     stacked batches per call, :func:`jaxkd.data.stack`), NumPy batches straight to the step.
 
@@ -24,7 +24,7 @@ Measured, the compared variants in alternation (see :mod:`benchmarks.common`):
 ``--teacher cnn`` uses the main job's CNN teacher (conv32-conv64-dense256) instead of the MLP 784-1200-1200-10.
 
 The teacher is randomly initialised (speed does not depend on its weights). Building the logit cache
-(:func:`jaxkd.logit_cache.cached_teacher_logits`, one teacher pass over the split) is timed once and reported.
+(:func:`jaxkd.data.logit_cache.cached_teacher_logits`, one teacher pass over the split) is timed once and reported.
 
 Run (about 2 minutes on 2 CPU cores; reads the prepared Fashion-MNIST)::
 

@@ -9,8 +9,8 @@ Two tables, each timed in one run with the variants in alternation (:mod:`benchm
    FSDP default of :mod:`jaxkd.sharding`), plus ``model<M>_bf16`` (the widest split with the teacher held in
    bfloat16). Per variant: the teacher's bytes held per device (its arrays' shards) and the compiled step's bytes
    per device (``memory_analysis()``: arguments, temporaries, total = argument + output - alias + temp).
-2. **sampler**: sequences/s of :func:`jaxkd.transformer.sample` (KV cache, one compiled ``lax.scan``) against
-   :func:`jaxkd.transformer.sample_uncached` (the full forward pass per new token), greedy, on the student.
+2. **sampler**: sequences/s of :func:`jaxkd.lm.transformer.sample` (KV cache, one compiled ``lax.scan``) against
+   :func:`jaxkd.lm.transformer.sample_uncached` (the full forward pass per new token), greedy, on the student.
 
 On a CPU the "devices" are XLA's host-platform fakes sharing the same cores: the sharded step does the same
 arithmetic plus the gathers of split weights, so its speed here measures the overhead of those collectives, not

@@ -100,7 +100,7 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Da
 class StudentWindows:
   """The training windows the students see, in the order they see them: a grain source of ``{'tokens', 'label'}``.
 
-  Drawn from :func:`jaxkd.text.token_batches` with the students' batch size and data seed, so row ``i`` is the
+  Drawn from :func:`jaxkd.lm.text.token_batches` with the students' batch size and data seed, so row ``i`` is the
   ``i``-th window of the live-teacher and scratch runs; the top-k cache is written over these rows.
   """
 

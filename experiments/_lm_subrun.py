@@ -1,4 +1,4 @@
-"""lm_distill's sub-runs: one language model trained with :func:`jaxkd.trainer.fit`, timed, and scored exactly.
+"""lm_distill's sub-runs: one language model trained with :func:`jaxkd.training.fit`, timed, and scored exactly.
 
 The bookkeeping (reuse a finished run, resume an unfinished one, set aside a stale one) is
 :func:`experiments.common.resumable`'s, as for every experiment's sub-runs.
@@ -144,7 +144,7 @@ def lm_subrun(
   meta: Mapping[str, Any] | None = None,
   after: Callable[[pathlib.Path, np.ndarray], dict] | None = None,
 ) -> dict[str, Any]:
-  """Trains one LM in ``workdir/name`` with :func:`jaxkd.trainer.fit`; resumable and fingerprinted by
+  """Trains one LM in ``workdir/name`` with :func:`jaxkd.training.fit`; resumable and fingerprinted by
   :func:`experiments.common.resumable`, the bookkeeping of :func:`experiments.common.train_subrun`.
 
   ``inputs`` (JSON) is everything that determines the run, and its fingerprint is that description's; a finished

@@ -8,7 +8,7 @@ from experiments._cli import ConfigError
 
 
 def pixel_stats(dataset: str) -> tuple[float, float]:
-  """Mean and standard deviation of pixel / 255 for one-channel datasets (jaxkd.datasets.NORMALIZATION)."""
+  """Mean and standard deviation of pixel / 255 for one-channel datasets (jaxkd.data.datasets.NORMALIZATION)."""
   from jaxkd.data.datasets import NORMALIZATION
 
   if dataset not in NORMALIZATION:

@@ -36,7 +36,7 @@ class SubRun:
   :class:`jaxkd.Objective` as ``method`` it learns online from ``teacher_apply_fn`` by that method's loss terms
   (``loss_fn``, ``alpha`` unused; batches carry ``'index'``, whose largest value sets the number of rows of
   per-example term state such as CRD's memory bank); ``params`` then counts the student alone, without its
-  adapters. ``augment`` (:mod:`jaxkd.augment`) runs inside the step, once, so a live teacher sees exactly the
+  adapters. ``augment`` (:mod:`jaxkd.data.augment`) runs inside the step, once, so a live teacher sees exactly the
   student's augmented view. ``curve_every = E > 0`` also evaluates every eval set every E epochs of training (a
   learning curve; training itself is unchanged). ``config`` (the sub-config the run depends on) and ``meta``
   (provenance, e.g. the teacher checkpoint's) are stored with its checkpoints.
@@ -67,7 +67,7 @@ class SubRun:
 
   @functools.cached_property
   def description(self) -> dict[str, Any]:
-    """Every field as JSON: models, functions and methods by :func:`jaxkd.logit_cache.describe` (a Flax module
+    """Every field as JSON: models, functions and methods by :func:`jaxkd.data.logit_cache.describe` (a Flax module
     field by field), datasets, teacher logits and variables by :func:`jaxkd.artifacts.tree_fingerprint` of their
     contents. Temperature, alpha and the loss only count where a teacher is; alpha not with a method."""
     distilled = self.teacher_apply_fn is not None or self.teacher_logits is not None

@@ -1,7 +1,7 @@
 """Token-level distillation of a small transformer language model on the standard library's code.
 
 A teacher transformer (``lm_config('teacher')``: 4 layers, d 256, 5.2M parameters at the 8192-token vocabulary) is
-trained on CPython's standard library (:class:`jaxkd.text.CodeCorpus`, with a byte-level BPE trained on its training
+trained on CPython's standard library (:class:`jaxkd.lm.text.CodeCorpus`, with a byte-level BPE trained on its training
 split), and a student (``lm_config('student')``: 2 layers, d 128, 1.4M parameters: 3.6x fewer, 8x fewer without
 the tied embedding; the report gives both counts) is trained, per seed from the same initialisation and in the same
 data order, as:
@@ -9,7 +9,7 @@ data order, as:
 * ``scratch``: cross-entropy on the next tokens only;
 * ``dense_kd``: 0.5 cross-entropy + 0.5 forward KL at T = 1 against the live teacher (Hinton);
 * ``topk_k{k}``: the same with the KL restricted to the teacher's top k, read from a cache
-  (:mod:`jaxkd.topk_cache`) written once at k = max(topk_ks) over exactly the training windows the students see,
+  (:mod:`jaxkd.lm.topk_cache`) written once at k = max(topk_ks) over exactly the training windows the students see,
   in the order they see them; smaller k are its first columns (``lax.top_k`` order, so slicing is exact). The
   tail is one bucket (``config.tail``; see get_config for why not the renormalised tail);
 * ``reverse_kl`` and ``gjsd``: reverse KL (MiniLLM) and GKD's generalised JSD (beta 0.5) against the live teacher;
@@ -21,7 +21,7 @@ data order, as:
   another job starting or stopping between them skews the count; ``results.json`` keeps every run's seconds per
   step.
 
-Each student is scored on every target token of the test split (:func:`jaxkd.text.eval_batches`, masked): bits
+Each student is scored on every target token of the test split (:func:`jaxkd.lm.text.eval_batches`, masked): bits
 per byte (tokenizer-independent) and top-1 agreement with the teacher. ``results.md`` has the table (mean ± std
 over seeds) and the comparisons (KD against scratch and the seed spread, top-32 against dense in %, equal time,
 cache sizes), ``results.json`` everything (corpus and tokenizer fingerprints, parameter counts, per-run results

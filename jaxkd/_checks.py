@@ -1,7 +1,7 @@
 """Argument validation of jaxkd's functions, owned once here.
 
 Private to the package (like optax's ``_src/utils.py``): the names are public so that :mod:`jaxkd.losses` and
-:mod:`jaxkd.logit_losses` can import them, but users should not. Every check runs on static shapes and dtypes, or
+:mod:`jaxkd.losses` can import them, but users should not. Every check runs on static shapes and dtypes, or
 on concrete values, at trace time; traced values pass through (the losses turn a traced temperature that is not
 > 0, or a traced label out of range, into a NaN loss: see :mod:`jaxkd._numerics`).
 """
@@ -188,7 +188,7 @@ def check_temperature_or_schedule(temperature: Any, *, name: str = "temperature"
     check_temperature(temperature, name=name)
 
 
-# ---------------------------------------------------------------- feature losses (jaxkd.features)
+# ---------------------------------------------------------------- feature losses (jaxkd.losses)
 
 
 def check_features(x: jax.Array, name: str, min_ndim: int = 2) -> None:

@@ -195,10 +195,10 @@ class StepChecker:
         )
 
   def _check_topk(self, batch: Mapping[str, Any], num_classes: int) -> None:
-    """A top-k cache's entries (jaxkd.topk_cache.JoinedSource) against the labels and the student's vocabulary.
+    """A top-k cache's entries (jaxkd.lm.topk_cache.JoinedSource) against the labels and the student's vocabulary.
 
     Host indices are range-checked here (a cache made with another tokenizer or vocabulary); device ones make the
-    loss NaN at that token (jaxkd.sparse_losses), so the step is skipped and counted.
+    loss NaN at that token (jaxkd.losses), so the step is skipped and counted.
     """
     if "teacher_topk_indices" not in batch:
       return

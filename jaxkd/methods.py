@@ -37,7 +37,7 @@ The constructors (:func:`kd`, :func:`dkd`, :func:`dist`, :func:`standardized_kd`
 :func:`generalized_jsd`, :func:`fitnet`, :func:`attention_transfer`, :func:`nst`, :func:`fsp`, :func:`vid`,
 :func:`similarity_preserving`, :func:`rkd`, :func:`pkt`, :func:`cc`, :func:`crd`) default to the weights and
 hyperparameters the papers (or the CRD benchmark's code, RepDistiller) use, as documented in :mod:`jaxkd.losses`,
-:mod:`jaxkd.features`, :mod:`jaxkd.relations` and :mod:`jaxkd.crd`; those methods are trained with
+:mod:`jaxkd.losses`, :mod:`jaxkd.losses` and :mod:`jaxkd.losses`; those methods are trained with
 :func:`cross_entropy` at weight 1 next to them (Hinton's KD: 0.1 and 0.9; logit standardisation: 0.1 and 9).
 """
 
@@ -224,7 +224,7 @@ def fitnet(
   feature_fn: FeatureFn | None = None,
   name: str = "fitnet",
 ) -> LossTerm:
-  """FitNet hint, per example (:func:`jaxkd.features.fitnet_loss`) through a trained :class:`HintRegressor`.
+  """FitNet hint, per example (:func:`jaxkd.losses.fitnet_loss`) through a trained :class:`HintRegressor`.
 
   RepDistiller's weight 100 (CE at 1), hint and guided layers in the middle of the networks. The regressor maps
   the student's channels to the teacher's; spatial sizes must agree.
@@ -248,7 +248,7 @@ def attention_transfer(
   feature_fn: FeatureFn | None = None,
   name: str = "at",
 ) -> LossTerm:
-  """Attention transfer summed over layer pairs, per example (:func:`jaxkd.features.attention_transfer_loss`).
+  """Attention transfer summed over layer pairs, per example (:func:`jaxkd.losses.attention_transfer_loss`).
 
   :math:`\\beta = 1000` (the authors' code and RepDistiller), CE at 1.
   """
@@ -275,7 +275,7 @@ def nst(
   feature_fn: FeatureFn | None = None,
   name: str = "nst",
 ) -> LossTerm:
-  """Neuron selectivity transfer summed over layer pairs, per example (:func:`jaxkd.features.nst_loss`).
+  """Neuron selectivity transfer summed over layer pairs, per example (:func:`jaxkd.losses.nst_loss`).
 
   The paper's polynomial kernel ``degree=2, constant=0``; RepDistiller's weight 50, CE at 1.
   """
@@ -314,12 +314,12 @@ def fsp(
   feature_fn: FeatureFn | None = None,
   name: str = "fsp",
 ) -> LossTerm:
-  """FSP summed over consecutive layer pairs, per example (:func:`jaxkd.features.fsp_loss`); weight 50, CE at 1.
+  """FSP summed over consecutive layer pairs, per example (:func:`jaxkd.losses.fsp_loss`); weight 50, CE at 1.
 
   Layers ``(l_0, l_1, ..., l_n)`` give the flow matrices of ``(l_0, l_1), (l_1, l_2), ...``; the larger map of
   each pair is average-pooled to the smaller's size. FSP needs the student's and teacher's channel counts to
   agree; ``adapt_channels=True`` (not in the paper) maps each student layer to the teacher's width with a
-  trained 1×1 :class:`~jaxkd.features.HintRegressor` first, for pairs whose widths differ. The paper's
+  trained 1×1 :class:`~jaxkd.losses.HintRegressor` first, for pairs whose widths differ. The paper's
   separate FSP-only first stage is not reproduced: the term trains next to the cross-entropy from the start.
   """
   student_layers, teacher_layers = _pairs(student_layers, teacher_layers)
@@ -355,8 +355,8 @@ def vid(
   feature_fn: FeatureFn | None = None,
   name: str = "vid",
 ) -> LossTerm:
-  """VID summed over layer pairs, per example (:func:`jaxkd.features.vid_loss`), one trained
-  :class:`~jaxkd.features.VIDRegressor` per pair; RepDistiller's weight 1 (CE at 1), initial variance 5.
+  """VID summed over layer pairs, per example (:func:`jaxkd.losses.vid_loss`), one trained
+  :class:`~jaxkd.losses.VIDRegressor` per pair; RepDistiller's weight 1 (CE at 1), initial variance 5.
   """
   student_layers, teacher_layers = _pairs(student_layers, teacher_layers)
 
@@ -519,14 +519,14 @@ def crd(
   feature_fn: FeatureFn | None = None,
   name: str = "crd",
 ) -> LossTerm:
-  """Contrastive representation distillation, per example (:func:`jaxkd.crd.crd_step`), with its memory bank.
+  """Contrastive representation distillation, per example (:func:`jaxkd.losses.crd_step`), with its memory bank.
 
   The paper's settings are the defaults (128-d embeddings, :math:`K = 16384` negatives, :math:`\\tau = 0.07`,
-  momentum 0.5, weight 0.8, CE at 1). The embedding heads (:class:`~jaxkd.crd.CRDHeads`) are adapters; the memory
+  momentum 0.5, weight 0.8, CE at 1). The embedding heads (:class:`~jaxkd.losses.CRDHeads`) are adapters; the memory
   bank (``num_data`` rows) is term state, updated in the step from the *global* batch, so replicas stay identical.
   Batches need ``'index'``, each example's row in ``[0, num_data)`` (``BatchIterator(include_index=True)``;
   re-index a filtered dataset with ``indices=np.arange(len(dataset))``). Sampling and the :math:`\\log Z`
-  estimate are described in :mod:`jaxkd.crd`.
+  estimate are described in :mod:`jaxkd.losses`.
   """
   if num_negatives < 1 or embed_dim < 1:
     raise ValueError(f"need num_negatives >= 1 and embed_dim >= 1, got {num_negatives} and {embed_dim}.")

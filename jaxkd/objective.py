@@ -258,7 +258,7 @@ def cross_entropy(*, weight: Schedule = 1.0, name: str = "ce") -> LossTerm:
   """Hard-label cross-entropy, per example (:func:`jaxkd.losses.hard_cross_entropy`).
 
   On a mixed batch (``batch['mix_label']`` and ``batch['mix_weight']`` :math:`\\lambda` from
-  :mod:`jaxkd.augment`) it is :math:`\\lambda\\,\\mathrm{CE}(y) + (1 - \\lambda)\\,\\mathrm{CE}(y')`, the mixed
+  :mod:`jaxkd.data.augment`) it is :math:`\\lambda\\,\\mathrm{CE}(y) + (1 - \\lambda)\\,\\mathrm{CE}(y')`, the mixed
   label's cross-entropy.
   """
 

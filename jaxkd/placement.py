@@ -1,7 +1,7 @@
 """Where the train and eval steps run: one object that owns devices, layouts and the way back to the host.
 
 A :class:`Placement` is made once and handed to :func:`jaxkd.make_train_step` (and through the step to
-:func:`jaxkd.trainer.fit` and the experiments). Nothing else in jaxkd branches on how the step is parallelised.
+:func:`jaxkd.training.fit` and the experiments). Nothing else in jaxkd branches on how the step is parallelised.
 It is built on a :class:`jax.sharding.Mesh` with a data-parallel axis (``'data'`` by default):
 
 * :meth:`Placement.data_parallel` (the default): ``jax.jit`` of ``jax.shard_map`` over a 1-D mesh of every

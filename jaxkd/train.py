@@ -486,7 +486,7 @@ def make_train_step(
     donate: donate the input state's buffers to the output.
     skip_nonfinite: skip the update of a non-finite step (above).
     steps_per_call: run this many steps per call with ``lax.scan``; the batch then carries a leading axis of
-      that size (``[steps, batch, ...]``, :func:`jaxkd.trainer.fit` stacks them) and metrics come back per step.
+      that size (``[steps, batch, ...]``, :func:`jaxkd.training.fit` stacks them) and metrics come back per step.
       Identical results to as many single calls, less Python dispatch per step for small models.
     label_key: the batch entry holding the labels.
     mask_key: the batch entry holding the padding mask.
@@ -499,7 +499,7 @@ def make_train_step(
       teacher and student see the same augmented input (Beyer et al.'s "consistent teaching"); ``rows`` are the
       examples' int32 rows in the global batch, ``key`` is the same on every device, so every placement draws the
       same augmentation for an example, and a resumed run the same as an uninterrupted one. See
-      :mod:`jaxkd.augment` (mixup, cutmix, crops, flips). Mixing sets ``batch['mix_label']`` and
+      :mod:`jaxkd.data.augment` (mixup, cutmix, crops, flips). Mixing sets ``batch['mix_label']`` and
       ``batch['mix_weight']``, which :func:`jaxkd.objective.cross_entropy` reads; a ``loss_fn`` reading ``labels``
       sees the first example's label only. With cached teacher logits it is an error (they are of the unaugmented
       input).
@@ -567,7 +567,7 @@ def make_eval_step(
   Student and teacher run in eval mode. Only examples with ``mask`` True (and labels other than -100) count, and
   the sums are added over devices, so a padded final batch counts each real example exactly once. Sum the
   results over batches and turn them into means with :func:`summarize_eval`
-  (:func:`jaxkd.evaluation.evaluate` does both).
+  (:func:`jaxkd.training.evaluation.evaluate` does both).
 
   Returns:
     ``evaluate`` returning ``count``, ``correct`` (int32) and ``ce_sum``; with a teacher also

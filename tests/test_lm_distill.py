@@ -117,23 +117,23 @@ def test_rerun_skips_finished_subruns(quick_run, capsys):
 def test_a_stopped_subrun_resumes_where_it_stopped(quick_run, monkeypatch, capsys):
   """A top-k student stopped after 7 of its 15 steps (as a preemption stops it) continues at step 8, with the
   cache's batch 8, to the result of the uninterrupted run."""
-  import jaxkd.trainer
+  import jaxkd.training.loop
 
   workdir, _ = quick_run
   run_dir = workdir / "students/topk_k8/seed0"
   original = json.loads((run_dir / "result.json").read_text())
   run_dir.rename(run_dir.with_name("seed0.uninterrupted"))
-  fit = jaxkd.trainer.fit
+  fit = jaxkd.training.fit
 
   def stop_after_7(*args, **kwargs):
     return fit(*args, **kwargs, stop_after=7)
 
-  monkeypatch.setattr(jaxkd.trainer, "fit", stop_after_7)
+  monkeypatch.setattr(jaxkd.training.loop, "fit", stop_after_7)
   with pytest.raises(SystemExit) as stopped:
     lm_distill.run(quick_config(), workdir)
   assert stopped.value.code == 143
   assert (run_dir / "checkpoints/7").is_dir() and not (run_dir / "result.json").exists()
-  monkeypatch.setattr(jaxkd.trainer, "fit", fit)
+  monkeypatch.setattr(jaxkd.training.loop, "fit", fit)
   capsys.readouterr()
 
   saved = lm_distill.run(quick_config(), workdir)

@@ -6,7 +6,7 @@ its own independently augmented copy nor the clean image. :func:`jaxkd.make_trai
 ``augment(batch, key, rows) -> batch`` once, on device, at the start of the step; teacher and student both read
 the array it returns::
 
-  augment = jaxkd.augment.compose(random_translate(max_shift=2), random_flip(), mixup(alpha=1.0))
+  augment = jaxkd.data.augment.compose(random_translate(max_shift=2), random_flip(), mixup(alpha=1.0))
   step = jaxkd.make_train_step(teacher_apply_fn=teacher, objective=..., augment=augment)
 
 Every function here builds such an ``augment``. They are pure and jit-able, and they do not depend on how the

@@ -13,13 +13,13 @@ Rows are always flat: how they are split over devices is the :class:`jaxkd.Place
 groups consecutive batches into ``[steps, batch, ...]`` for a step built with ``steps_per_call``.
 
 Every iterator here follows one protocol: ``__next__``, and ``get_state``/``set_state`` for a position that a
-checkpoint saves and a resumed run restores (:func:`jaxkd.trainer.fit` does both).
+checkpoint saves and a resumed run restores (:func:`jaxkd.training.fit` does both).
 
 Why not grain: grain's ``MapDataset``/``DataLoader`` transform and batch record by record in Python (or in worker
 processes), which on Fashion-MNIST costs more than a small MLP's training step. The splits jaxkd distils on fit in
 memory, so a batch here is one vectorised gather from the whole split plus vectorised augmentation, the per-epoch
 order is one ``permutation`` and the iterator position is two integers, which is all grain's checkpointing would
-give. For data that does not fit in memory, :func:`jaxkd.datasets.load_data_source` returns a random-access source
+give. For data that does not fit in memory, :func:`jaxkd.data.datasets.load_data_source` returns a random-access source
 that grain can read directly.
 """
 
@@ -224,7 +224,7 @@ class BatchIterator:
     max_translation: largest random shift in pixels, along each axis (training only).
     horizontal_flip: flip half of the images left-right (training only).
     teacher_logits: float ``[len(dataset), num_classes]`` aligned with ``dataset``
-      (see :func:`jaxkd.logit_cache.cached_teacher_logits`); attached to each batch as
+      (see :func:`jaxkd.data.logit_cache.cached_teacher_logits`); attached to each batch as
       ``'teacher_logits'``. Not allowed with augmentation, which would make them stale.
     include_index: add ``'index'``, each example's ``dataset.indices`` entry.
     process_index: this process's index; default ``jax.process_index()``.
@@ -236,7 +236,7 @@ class BatchIterator:
     process_batch_size: examples per batch from this process, ``batch_size // process_count``.
 
   >>> import numpy as np
-  >>> from jaxkd.datasets import ArrayDataset
+  >>> from jaxkd.data.datasets import ArrayDataset
   >>> ds = ArrayDataset(np.zeros((10, 28, 28, 1), np.uint8), np.arange(10) % 2, num_classes=2)
   >>> batches = BatchIterator(ds, batch_size=4, train=False, process_index=0, process_count=1)
   >>> [int(b["mask"].sum()) for b in batches]
@@ -420,7 +420,7 @@ class BatchIterator:
 
 class StackedBatches:
   """What :func:`stack` returns. ``stacked_steps`` (batches per group) is read by :class:`DevicePrefetcher` and
-  :func:`jaxkd.trainer.fit`."""
+  :func:`jaxkd.training.fit`."""
 
   def __init__(self, iterator: Iterator[Mapping[str, Any]], steps: int):
     if not isinstance(steps, int) or steps < 1:
@@ -489,7 +489,7 @@ class DevicePrefetcher:
   goes to the default device with ``jax.device_put``.
 
   The thread starts on the first ``next``. Until then :meth:`set_state` repositions the wrapped iterator, so a
-  prefetcher can be handed to :func:`jaxkd.trainer.fit`, which restores a checkpoint's position before it
+  prefetcher can be handed to :func:`jaxkd.training.fit`, which restores a checkpoint's position before it
   iterates; after that the batches read ahead would be wrong and :meth:`set_state` raises. :meth:`get_state` is
   the position after the last batch handed out, not after the ones sitting in the buffer, so checkpoints resume
   exactly.

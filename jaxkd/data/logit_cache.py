@@ -416,7 +416,7 @@ def cached_teacher_logits(
   Args:
     apply_fn: ``apply_fn(variables, images) -> logits`` in inference mode.
     variables: the teacher's variables.
-    data: the transfer set (an :class:`~jaxkd.datasets.ArrayDataset`, after any
+    data: the transfer set (an :class:`~jaxkd.data.datasets.ArrayDataset`, after any
       :func:`jaxkd.data.transfer_set` filtering) or uint8 images
       ``[num_examples, height, width, channels]``.
     cache_dir: directory for the cache files (created if missing).

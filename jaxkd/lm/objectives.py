@@ -8,14 +8,14 @@ step (:func:`jaxkd.make_train_step`) averages every per-token loss over the real
 The pieces:
 
 * :func:`lm_model` adapts a linen LM with ``hidden`` and ``logits_from_hidden`` methods (such as
-  :class:`jaxkd.transformer.TransformerLM`) to a :class:`jaxkd.Model` whose output head is separate, so that
+  :class:`jaxkd.lm.transformer.TransformerLM`) to a :class:`jaxkd.Model` whose output head is separate, so that
   ``make_train_step(chunk_size=...)`` applies the vocabulary projection and the losses a chunk of positions at a
   time: the float32 ``[batch, length, vocab]`` logits and probabilities never exist whole.
 * :func:`token_kd` (forward KL at :math:`T`, reverse KL, GKD's generalised JSD) and :func:`sparse_kd` (the
-  teacher's top k tokens from a cache, :mod:`jaxkd.topk_cache`) are per-token :class:`jaxkd.LossTerm`\\ s;
+  teacher's top k tokens from a cache, :mod:`jaxkd.lm.topk_cache`) are per-token :class:`jaxkd.LossTerm`\\ s;
   :func:`lm_objective` mixes one of them with the cross-entropy on the labels.
 
-Example (a live teacher; for the cache, build the batches with :class:`jaxkd.topk_cache.JoinedSource`)::
+Example (a live teacher; for the cache, build the batches with :class:`jaxkd.lm.topk_cache.JoinedSource`)::
 
   student = jaxkd.lm.lm_model(TransformerLM(**lm_config('student', vocab_size=8192, max_len=128)))
   teacher = jaxkd.lm.lm_model(teacher_module)
@@ -152,7 +152,7 @@ def sparse_kd(
   """A per-token KD term against the teacher's top k tokens read from the batch (a top-k cache).
 
   Reads ``batch['teacher_topk_logits']`` ``[batch, length, k]`` (16-bit), ``batch['teacher_topk_indices']`` and
-  ``batch['teacher_log_normalizer']`` ``[batch, length]`` (:class:`jaxkd.topk_cache.JoinedSource` adds them) and
+  ``batch['teacher_log_normalizer']`` ``[batch, length]`` (:class:`jaxkd.lm.topk_cache.JoinedSource` adds them) and
   computes :func:`jaxkd.losses.sparse_kd_loss` with ``tail='renormalize'`` (the default, the teacher's top
   k renormalised) or ``'bucket'`` (the rest as one class; needs the normaliser at the cache's temperature). It needs
   no teacher network in the step: a cached step costs what a scratch step costs plus one gather.
@@ -171,7 +171,7 @@ def sparse_kd(
     if missing:
       raise ValueError(
         f"the sparse_kd term reads {list(TOPK_KEYS)} from the batch, which has no {missing} (it has "
-        f"{sorted(inputs.batch)}); join the token batches with the cache (jaxkd.topk_cache.JoinedSource)."
+        f"{sorted(inputs.batch)}); join the token batches with the cache (jaxkd.lm.topk_cache.JoinedSource)."
       )
     if tail == "renormalize" and inputs.batch["teacher_topk_logits"].shape[-1] == 1:
       raise ValueError(

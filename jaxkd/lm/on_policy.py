@@ -7,7 +7,7 @@ JSD(:math:`\beta`); sequence-level KD (Kim and Rush 2016) trains on the teacher'
 :class:`Completions` builds the token batch of one step from ``{'prompt', 'completion'}``:
 
 * with probability ``lam`` (decided per step from ``(seed, step)`` alone), the continuation is sampled with the
-  KV-cached sampler (:func:`jaxkd.transformer.sample`) from the ``source`` model, the student (GKD) or the
+  KV-cached sampler (:func:`jaxkd.lm.transformer.sample`) from the ``source`` model, the student (GKD) or the
   teacher (sequence-level KD), at ``temperature`` (0: greedy), ``max_new_tokens`` long;
 * otherwise it is the batch's own ``completion`` (supervised KD on the data); ``lam=0`` is exactly the supervised
   token step.
@@ -26,7 +26,7 @@ variable-length prompts by length, or left-align them and accept padding tokens 
 
 Example::
 
-  completions = jaxkd.on_policy.Completions(student_module, teacher_module, lam=0.5, max_new_tokens=16, eos_id=eos)
+  completions = jaxkd.lm.on_policy.Completions(student_module, teacher_module, lam=0.5, max_new_tokens=16, eos_id=eos)
   step = jaxkd.make_train_step(teacher_apply_fn=jaxkd.lm.lm_model(teacher_module),
                                objective=jaxkd.lm.lm_objective('gjsd', alpha=1.0, beta=0.5))
   for batch in prompts_and_answers:
@@ -85,7 +85,7 @@ class Completions:
   """Per step: the batch's own continuations, or (with probability ``lam``) ones sampled from ``source``.
 
   Attributes:
-    student: the student's :class:`jaxkd.transformer.TransformerLM`.
+    student: the student's :class:`jaxkd.lm.transformer.TransformerLM`.
     teacher: the teacher's (needed for ``source='teacher'``).
     lam: fraction of steps whose continuations are generated (GKD's :math:`\\lambda`); 0 is supervised KD, 1 is
       fully on-policy (or sequence-level KD with ``source='teacher'``).

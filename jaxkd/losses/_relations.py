@@ -23,7 +23,7 @@ distances, PKT's probabilities) the loss is made NaN explicitly.
 RepDistiller's loss weights (Tian et al. 2020), for reference: SP 3000, RKD 1 (with distance 25 and angle 50
 inside), PKT 30000, CC 0.02 (for its own simplified CC, not the kernel form here).
 
-CRD, a per-example contrastive loss against a memory bank, is in :mod:`jaxkd.crd`.
+CRD, a per-example contrastive loss against a memory bank, is in :mod:`jaxkd.losses`.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ Prefer it also for short schedules: with the same teacher and students of only 1
 (2.52/2.51/2.44 bits/byte against 2.34) and the bucket ones better (2.30/2.28/2.26): a young student still has
 to learn how much mass the tail holds, which renormalising never tells it.
 
-The conventions are those of :mod:`jaxkd.logit_losses`: pure per-token losses (the caller reduces), keyword-only
+The conventions are those of :mod:`jaxkd.losses`: pure per-token losses (the caller reduces), keyword-only
 hyperparameters, float32 arithmetic whatever the input dtype (a cache stores 16-bit logits and ``uint16``
 indices), the teacher side under ``stop_gradient``, user errors raised from static shapes at trace time, and a
 ``position_mask`` of shape ``student_logits.shape[:-1]`` whose False positions contribute exactly 0 and get a zero

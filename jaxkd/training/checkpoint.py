@@ -187,7 +187,7 @@ def _check_writable(directory: pathlib.Path) -> None:
     raise CheckpointDirectoryError(
       f"cannot write checkpoints to {directory} ({type(error).__name__}: {error}). Make that directory (and its "
       "parents) writable by this user, or pass a workdir on a writable filesystem; to only read a checkpoint's "
-      "variables use jaxkd.checkpoint.load_variables, which writes nothing."
+      "variables use jaxkd.training.checkpoint.load_variables, which writes nothing."
     ) from error
 
 

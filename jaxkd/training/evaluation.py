@@ -3,7 +3,7 @@
 :func:`evaluate` sums an :class:`jaxkd.train.EvalStep`'s results over an iterator of batches and turns them into
 means; :func:`pad_batches` cuts plain arrays into fixed-size batches whose last one is padded and masked (so the
 step compiles once); :func:`make_eval_fn` binds them into the ``eval_fn(state) -> metrics`` that
-:func:`jaxkd.trainer.fit` calls.
+:func:`jaxkd.training.fit` calls.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def make_eval_fn(
   batch_size: int | None = None,
   teacher_variables: PyTree = None,
 ) -> Callable[[PyTree], dict[str, float]]:
-  """``eval_fn(state) -> metrics`` for :func:`jaxkd.trainer.fit`.
+  """``eval_fn(state) -> metrics`` for :func:`jaxkd.training.fit`.
 
   Args:
     eval_step: from :func:`jaxkd.make_eval_step`.

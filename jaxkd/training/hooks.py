@@ -1,6 +1,6 @@
 """What the training loop does between steps: logging, the non-finite policy, evaluation, checkpoints, preemption.
 
-:func:`jaxkd.trainer.fit` is a short loop (clu's ``periodic_actions`` shape, as in flax's ``examples/imagenet``)::
+:func:`jaxkd.training.fit` is a short loop (clu's ``periodic_actions`` shape, as in flax's ``examples/imagenet``)::
 
   for hook in hooks: hook.begin(loop)
   while loop.step < num_steps and not loop.stopping:
@@ -60,7 +60,7 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class Loop:
-  """The training loop as hooks see it; :func:`jaxkd.trainer.fit` makes one per call.
+  """The training loop as hooks see it; :func:`jaxkd.training.fit` makes one per call.
 
   Attributes:
     step: steps done so far (the train state's step).
@@ -142,7 +142,7 @@ class Loop:
     self.step += self.steps_per_call
 
   def window_means(self) -> dict[str, float]:
-    """:func:`jaxkd.metrics.mean_metrics` of the window, with one host transfer (pmap: device 0's copy)."""
+    """:func:`jaxkd.training.metrics.mean_metrics` of the window, with one host transfer (pmap: device 0's copy)."""
     window = [self.placement.unreplicate(m) for m in jax.device_get(self.window)]
     return mean_metrics(window)
 
@@ -226,14 +226,16 @@ def as_hook(hook: Hook | Callable[[int, Loop], Any]) -> Hook:
   if isinstance(hook, Hook):
     return hook
   if not callable(hook):
-    raise TypeError(f"a hook must be a jaxkd.hooks.Hook or a callable fn(step, loop), got {type(hook).__name__}.")
+    raise TypeError(
+      f"a hook must be a jaxkd.training.hooks.Hook or a callable fn(step, loop), got {type(hook).__name__}."
+    )
   return Callback(hook, every=1)
 
 
 class PreemptionHook(Hook):
-  """Asks the loop to stop at SIGTERM (:class:`jaxkd.preemption.PreemptionGuard`; with several processes a SIGTERM
-  to any one stops every process at the same step) or after ``stop_after`` steps of this call; checked after every
-  call of the step."""
+  """Asks the loop to stop at SIGTERM (:class:`jaxkd.training.preemption.PreemptionGuard`; with several processes a
+  SIGTERM to any one stops every process at the same step) or after ``stop_after`` steps of this call; checked after
+  every call of the step."""
 
   def __init__(self, stop_after: int | None = None):
     super().__init__(at_end=False)
@@ -266,7 +268,7 @@ class PreemptionHook(Hook):
 
 class MetricsHook(Hook):
   """Every ``every`` steps, at the end and on a stop: the window's means (:meth:`Loop.summarize`) to the
-  :class:`~jaxkd.metrics.MetricsWriter` and the progress bar. These are the loop's only host syncs.
+  :class:`~jaxkd.training.metrics.MetricsWriter` and the progress bar. These are the loop's only host syncs.
 
   Args:
     every: steps between summaries (``log_every``); 0 logs only at the end and on a stop.

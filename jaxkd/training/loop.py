@@ -4,7 +4,7 @@
 :class:`~jaxkd.TrainState`, a step from :func:`~jaxkd.make_train_step` (whose ``placement`` puts the state and
 teacher on the devices) and an iterator of batches of this process's rows that can report and restore its position
 (``get_state()``/``set_state()``, as :mod:`jaxkd.data` iterators do). Logging, the non-finite policy, evaluation,
-checkpoints and preemption are hooks (:mod:`jaxkd.hooks`); users add their own with ``hooks=``.
+checkpoints and preemption are hooks (:mod:`jaxkd.training.hooks`); users add their own with ``hooks=``.
 
 Resuming is exact: the checkpoint holds the state (params, optimizer state, BatchNorm statistics, step, dropout
 key) and the iterator's position, and the step derives its randomness from ``(rng, step)``, so N steps, a stop,
@@ -125,8 +125,8 @@ def fit(
     progress: show a tqdm progress bar (a string sets its description).
     stop_after: stop (and save) after this many steps of this call, as a preemption would; for tests and for
       splitting long runs.
-    hooks: the user's :class:`jaxkd.hooks.Hook` objects (or callables ``fn(step, loop)``, run after every call),
-      run after the built-in metrics, non-finite and eval hooks and before the checkpoint is saved.
+    hooks: the user's :class:`jaxkd.training.hooks.Hook` objects (or callables ``fn(step, loop)``, run after every
+      call), run after the built-in metrics, non-finite and eval hooks and before the checkpoint is saved.
     tensorboard: also write TensorBoard event files (needs ``tensorboardX``).
 
   Returns:
@@ -136,7 +136,7 @@ def fit(
     ValueError: with ``steps_per_call = N``, ``num_steps``, ``checkpoint_every``, ``log_every``, ``eval_every``,
       a hook's period or the restored step is not a multiple of N; ``train_data`` ran out before ``num_steps``;
       or ``config`` differs from the checkpoint's and ``allow_config_change`` is False (before any step).
-    jaxkd.checkpoint.CheckpointDirectoryError: ``workdir/checkpoints`` cannot be created or written (before any
+    jaxkd.training.checkpoint.CheckpointDirectoryError: ``workdir/checkpoints`` cannot be created or written (before any
       step).
   """
   periods = dict(num_steps=num_steps, checkpoint_every=checkpoint_every, log_every=log_every, eval_every=eval_every)

@@ -1,7 +1,7 @@
 """Preemption: turning SIGTERM / JAX's preemption sync point into a stop decision for the training loop.
 
 Schedulers send SIGTERM some time before they take a TPU/GPU machine away; the
-loop in :mod:`jaxkd.trainer` polls :class:`PreemptionGuard` after each step and,
+loop in :mod:`jaxkd.training.loop` polls :class:`PreemptionGuard` after each step and,
 when it says stop, saves a checkpoint and exits so a rerun resumes there.
 
 With several processes the stop must be collective: a process that stops on its own enters the checkpoint's

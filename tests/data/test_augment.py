@@ -1,4 +1,4 @@
-"""Tests for jaxkd.augment: NumPy references, placement independence, and one augmented view for both networks."""
+"""Tests for jaxkd.data.augment: NumPy references, placement independence, and one augmented view for both networks."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for jaxkd.datasets: the IDX tfds builders, loading, and every error they promise."""
+"""Tests for jaxkd.data.datasets: the IDX tfds builders, loading, and every error they promise."""
 
 import gzip
 import os
@@ -320,7 +320,7 @@ class JaxkdTestCatalogDataset(tfds.core.GeneratorBasedBuilder):
 
   @tfds.core.utils.classproperty
   @classmethod
-  def code_path(cls):  # tensorflow/datasets#11212, as in jaxkd.datasets.
+  def code_path(cls):  # tensorflow/datasets#11212, as in jaxkd.data.datasets.
     return epath.Path(__file__)
 
   def _info(self):

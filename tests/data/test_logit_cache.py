@@ -1,4 +1,4 @@
-"""Tests for jaxkd.logit_cache: exact logits, reuse, and no stale reuse after any change."""
+"""Tests for jaxkd.data.logit_cache: exact logits, reuse, and no stale reuse after any change."""
 
 import functools
 import json

@@ -1,4 +1,4 @@
-"""On-policy distillation (jaxkd.on_policy): batches, masks, lam = 0 is supervised, determinism, resume, errors."""
+"""On-policy distillation (jaxkd.lm.on_policy): batches, masks, lam = 0 is supervised, determinism, resume, errors."""
 
 import jax
 import numpy as np

@@ -1,4 +1,4 @@
-"""Tests for jaxkd.text: corpus splits and fingerprints, tokenizer and token caches, windows, grain streaming."""
+"""Tests for jaxkd.lm.text: corpus splits and fingerprints, tokenizer and token caches, windows, grain streaming."""
 
 import json
 import math

@@ -1,4 +1,4 @@
-"""Tests for jaxkd.topk_cache: exact top-k round trip, resumption, lazy verification, sharding and the grain join."""
+"""Tests for jaxkd.lm.topk_cache: exact top-k round trip, resumption, lazy verification, sharding and the grain join."""
 
 import concurrent.futures
 import hashlib

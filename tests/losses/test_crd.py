@@ -1,4 +1,4 @@
-"""Tests for jaxkd.crd: the CRD pieces against a float64 NumPy reference, and the step against its hand composition.
+"""Tests for jaxkd.losses: the CRD pieces against a float64 NumPy reference, and the step against its hand composition.
 
 The pmap test uses the 4 fake CPU devices of tests/conftest.py.
 """

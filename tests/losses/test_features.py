@@ -1,4 +1,4 @@
-"""Tests for jaxkd.features against float64 NumPy references written from the papers' formulas."""
+"""Tests for jaxkd.losses against float64 NumPy references written from the papers' formulas."""
 
 import chex
 import jax

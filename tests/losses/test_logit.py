@@ -1,4 +1,4 @@
-"""Tests for jaxkd.logit_losses against float64 NumPy references written here.
+"""Tests for jaxkd.losses against float64 NumPy references written here.
 
 DKD (Zhao et al. 2022), DIST (Huang et al. 2022), logit standardisation (Sun et al. 2024), reverse KL and the
 generalised Jensen-Shannon divergence of GKD (Agarwal et al. 2024).

@@ -1,4 +1,4 @@
-"""Tests for jaxkd.relations against float64 NumPy references written from the papers' formulas.
+"""Tests for jaxkd.losses against float64 NumPy references written from the papers' formulas.
 
 The global-batch tests use the 4 fake CPU devices of tests/conftest.py.
 """

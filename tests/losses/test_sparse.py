@@ -1,4 +1,4 @@
-"""Tests for jaxkd.sparse_losses against float64 NumPy references written here.
+"""Tests for jaxkd.losses against float64 NumPy references written here.
 
 The references compute the two top-k losses from the teacher's *full* logits: the renormalised KL over the k
 classes, and the KL of the (k + 1)-bucket distributions whose tail is the sum of the probabilities outside the k.

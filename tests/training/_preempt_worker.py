@@ -4,7 +4,7 @@ python tests/_preempt_worker.py WORKDIR NUM_STEPS OUT_DIR [--marker-at K] [--ref
 
 with ``JAXKD_COORDINATOR_ADDRESS``, ``JAXKD_NUM_PROCESSES=2`` and ``JAXKD_PROCESS_ID`` set and
 ``XLA_FLAGS=--xla_force_host_platform_device_count=2``. Each process feeds its rows of fixed global batches to a
-data-parallel step over both processes' devices through :func:`jaxkd.trainer.fit`. With ``--marker-at K``, process
+data-parallel step over both processes' devices through :func:`jaxkd.training.fit`. With ``--marker-at K``, process
 0 writes ``WORKDIR/marker`` after step K and from then on sleeps a little after each step, so that the run is still
 going when the test's SIGTERM arrives (the sleep changes no numbers). Process i writes the final params and step to
 OUT_DIR/process<i>.npz. With ``--reference``, the same processes then train from scratch in REF_WORKDIR without a

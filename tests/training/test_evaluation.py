@@ -1,4 +1,4 @@
-"""Tests for jaxkd.evaluation: padded batches count each example once, in every placement."""
+"""Tests for jaxkd.training.evaluation: padded batches count each example once, in every placement."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""jaxkd.metrics: the JSON-lines log, the TensorBoard event files, window means, and the no-op writer off process 0."""
+"""jaxkd.training.metrics: the JSON-lines log, TensorBoard event files, window means, the no-op writer off process 0."""
 
 import json
 import math

@@ -1,6 +1,6 @@
 """Sparse top-k teacher cache for language-model distillation, sharded so that each host reads only its part.
 
-A dense teacher-logit cache (:mod:`jaxkd.logit_cache`) costs ``4 * vocab_size`` bytes per token, which for a
+A dense teacher-logit cache (:mod:`jaxkd.data.logit_cache`) costs ``4 * vocab_size`` bytes per token, which for a
 language model is hundreds of kilobytes per token. This cache keeps, per token of a fixed-length sequence dataset
 (``N`` sequences of ``L`` tokens), only what a top-k distillation loss needs:
 

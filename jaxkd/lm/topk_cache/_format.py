@@ -83,7 +83,7 @@ def topk_cache_key(
   Args:
     teacher_fingerprint: identifies the teacher's variables and code, e.g.
       :func:`jaxkd.artifacts.tree_fingerprint` of its variables combined with
-      :func:`jaxkd.logit_cache.describe` of its apply function.
+      :func:`jaxkd.data.logit_cache.describe` of its apply function.
     corpus_fingerprint: identifies the sequences (their source, filtering and order), e.g. a hash of the files.
     tokenizer_fingerprint: identifies the tokenizer (e.g. a hash of its vocabulary file).
     k: classes kept per token.
@@ -118,7 +118,7 @@ def topk_cache_key(
   except (TypeError, ValueError) as e:
     raise ValueError(
       f"extra must hold only JSON values (str, int, finite float, bool, None, lists and dicts), got {extra!r}: {e}. "
-      "Describe other objects as strings first (e.g. jaxkd.logit_cache.describe)."
+      "Describe other objects as strings first (e.g. jaxkd.data.logit_cache.describe)."
     ) from e
 
 
